@@ -1,0 +1,183 @@
+"""Git for the research loop: commit, reset and diff training/train.py and nothing else.
+
+Everything goes through the git CLI with captured output. Text that can come from the agent never reaches git as
+an option: commit messages go through stdin, revisions are resolved with --end-of-options, paths follow `--`,
+names are validated before use. The user's other work (staged or not) is never swept into a commit or reset.
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from server.errors import WorkspaceError
+
+TRAIN = "training/train.py"
+RUN_REF_PREFIX = "refs/autoresearch/runs/"  # keeps every run's commit reachable, discarded ones too
+MAX_TAG_CHARS = 64
+TAG_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TAG_CHARS - 1}}}")
+RUN_ID_RE = re.compile(r"r[0-9]{4,}")
+FALLBACK_IDENTITY = ("autoresearch-mcp", "autoresearch@localhost")
+SERVER_STATE = (".autoresearch/", "results.tsv")  # the server's own files are never the user's dirty work
+# Variables a git hook or wrapper may have set that would point our commands at another repository or index.
+REDIRECTING_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY",
+                   "GIT_NAMESPACE", "GIT_PREFIX")
+
+
+class Git:
+    def __init__(self, workspace: Path):
+        self.workspace = Path(workspace)
+        self._env = {k: v for k, v in os.environ.items() if k not in REDIRECTING_ENV}
+
+    def _run(self, *args: str, stdin: str | None = None, ok=(0,)) -> subprocess.CompletedProcess:
+        """Run git in the workspace; an exit code outside `ok` becomes a WorkspaceError with git's message."""
+        proc = subprocess.run(["git", *args], cwd=self.workspace, env=self._env, input=stdin,
+                              capture_output=True, text=True, encoding="utf-8", errors="replace")
+        if proc.returncode not in ok:
+            detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+            raise WorkspaceError(f"`git {' '.join(args)}` failed in {self.workspace} "
+                                 f"(exit {proc.returncode}): {detail}")
+        return proc
+
+    def _git(self, *args: str, stdin: str | None = None) -> str:
+        return self._run(*args, stdin=stdin).stdout
+
+    # ---- names and revisions
+
+    def commit_sha(self, rev: str) -> str:
+        """The full sha of a commit; refuses anything that is not one (or that looks like an option)."""
+        if not rev or rev.startswith("-"):
+            raise WorkspaceError(f"{rev!r} is not a commit: expected a commit sha or a branch name")
+        proc = self._run("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", ok=(0, 1))
+        if proc.returncode:
+            raise WorkspaceError(f"{rev!r} is not a commit in {self.workspace}")
+        return proc.stdout.strip()
+
+    def _check_branch_name(self, name: str) -> None:
+        if not name or name.startswith("-") or self._run("check-ref-format", f"refs/heads/{name}",
+                                                          ok=(0, 1)).returncode:
+            raise WorkspaceError(f"{name!r} is not a valid branch name")
+
+    @staticmethod
+    def validate_tag(tag: str) -> None:
+        """Session tags become branch names (autoresearch/<tag>), so only a safe subset is accepted."""
+        if not (isinstance(tag, str) and TAG_RE.fullmatch(tag)) or ".." in tag or tag.endswith(".lock"):
+            raise WorkspaceError(
+                f"invalid session tag {tag!r}: use 1-{MAX_TAG_CHARS} letters, digits, '.', '_' or '-', starting with "
+                "a letter or digit, without '..' and not ending in '.lock' (for example 'mar5' or 'run-2')")
+
+    @staticmethod
+    def short(sha: str) -> str:
+        return sha[:7]
+
+    # ---- state
+
+    def head(self) -> str:
+        proc = self._run("rev-parse", "--verify", "--quiet", "HEAD^{commit}", ok=(0, 1))
+        if proc.returncode:
+            raise WorkspaceError(f"{self.workspace} has no commits yet: commit the workspace files first "
+                                 "(git add -A && git commit -m init)")
+        return proc.stdout.strip()
+
+    def branch(self) -> str | None:
+        """The checked-out branch, or None when HEAD is detached."""
+        proc = self._run("symbolic-ref", "--quiet", "--short", "HEAD", ok=(0, 1))
+        return proc.stdout.strip() or None
+
+    def branch_exists(self, name: str) -> bool:
+        return not self._run("show-ref", "--verify", "--quiet", f"refs/heads/{name}", ok=(0, 1)).returncode
+
+    def _status(self) -> list[tuple[str, str]]:
+        """(porcelain XY code, path) for every change git reports; ignored files are not reported."""
+        entries = self._git("status", "--porcelain=v1", "-z", "--untracked-files=normal").split("\0")
+        changes, i = [], 0
+        while i < len(entries):
+            entry = entries[i]
+            i += 1
+            if not entry:
+                continue
+            changes.append((entry[:2], entry[3:]))
+            if entry[0] in "RC":  # a rename or copy is followed by its source path
+                changes.append((entry[:2], entries[i]))
+                i += 1
+        return [(code, path) for code, path in changes if not path.startswith(SERVER_STATE)]
+
+    def dirty_paths(self) -> list[str]:
+        """Modified, staged, deleted and untracked paths (ignored files and the server's own state excluded)."""
+        return sorted({path for _, path in self._status()})
+
+    def ensure_clean_for_checkout(self) -> None:
+        """Switching branches would carry uncommitted edits of tracked files along (or fail on them), so it needs
+        a clean worktree; untracked files are left alone by a switch and do not count."""
+        tracked = sorted({path for code, path in self._status() if code != "??"})
+        if tracked:
+            raise WorkspaceError(
+                f"refusing to switch branches: uncommitted changes in {', '.join(tracked[:20])}. Commit, stash or "
+                f"revert them first (for {TRAIN}: run or undo the pending edit), then retry.")
+
+    def ensure_only_train_dirty(self) -> None:
+        """Refuse to touch git while the user has other uncommitted work that a commit or reset could disturb."""
+        others = [p for p in self.dirty_paths() if p != TRAIN]
+        if others:
+            shown = ", ".join(others[:20]) + (f" and {len(others) - 20} more" if len(others) > 20 else "")
+            raise WorkspaceError(
+                f"refusing to touch git: files other than {TRAIN} have uncommitted changes: {shown}. The server "
+                f"only ever commits or resets {TRAIN}; commit, stash, revert or git-ignore those changes, then retry.")
+
+    def train_changed(self) -> bool:
+        """Whether the worktree's train.py differs from HEAD (staged or not)."""
+        return bool(self._run("diff", "--quiet", "HEAD", "--", TRAIN, ok=(0, 1)).returncode)
+
+    # ---- changes
+
+    def create_branch(self, name: str, start: str = "HEAD") -> None:
+        """Create branch `name` at `start` and check it out: a new session always works on its own branch."""
+        self._check_branch_name(name)
+        self._git("branch", "--no-track", "--", name, self.commit_sha(start))
+        self.checkout(name)
+
+    def checkout(self, name: str) -> None:
+        self._check_branch_name(name)
+        self._git("switch", "--no-guess", "--", name)
+
+    def commit_train(self, message: str) -> str:
+        """Commit exactly training/train.py with this message and return the new HEAD.
+
+        `git commit -- <path>` commits that path only, so anything else the user staged stays staged and out of
+        the commit. Unchanged code (a baseline or a repeat) is not committed again: HEAD is returned.
+        """
+        if not self.train_changed():
+            return self.head()
+        self._git("add", "--", TRAIN)
+        identity = [] if self._has_identity() else [
+            "-c", f"user.name={FALLBACK_IDENTITY[0]}", "-c", f"user.email={FALLBACK_IDENTITY[1]}"]
+        # unattended: a signing prompt or a failing pre-commit hook must not stall or block the loop
+        self._git(*identity, "-c", "commit.gpgsign=false", "commit", "--no-verify", "--quiet", "-F", "-",
+                  "--", TRAIN, stdin=message)
+        return self.head()
+
+    def _has_identity(self) -> bool:
+        return all(self._run("config", "--get", key, ok=(0, 1)).stdout.strip()
+                   for key in ("user.name", "user.email"))
+
+    def set_ref(self, run_id: str, sha: str) -> None:
+        """Pin a run's commit under refs/autoresearch/runs/<run_id> so no reset can make it unreachable."""
+        if not RUN_ID_RE.fullmatch(run_id):
+            raise WorkspaceError(f"invalid run id {run_id!r}: expected r0001, r0002, ...")
+        self._git("update-ref", f"{RUN_REF_PREFIX}{run_id}", self.commit_sha(sha))
+
+    def reset_train_to(self, sha: str) -> None:
+        """Move the current branch to sha and make train.py (index and worktree) match it.
+
+        --soft moves only the branch; train.py is then restored alone, so other files are left exactly as they are.
+        """
+        sha = self.commit_sha(sha)
+        self._git("reset", "--soft", sha)
+        self._git("restore", f"--source={sha}", "--staged", "--worktree", "--", TRAIN)
+
+    def diff_train(self, base_sha: str) -> str:
+        """Unified diff of the worktree's train.py against base_sha ("" when identical)."""
+        return self._git("diff", "--no-color", "--no-ext-diff", self.commit_sha(base_sha), "--", TRAIN)
+
+    def show_file(self, sha: str, path: str) -> str:
+        return self._git("cat-file", "blob", f"{self.commit_sha(sha)}:{path}")

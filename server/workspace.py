@@ -1,0 +1,263 @@
+"""The workspace as the agent may see it: which files it can read, how edits apply, input limits, and the
+clean environment and frozen-harness facts a training run is started with.
+"""
+
+import difflib
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from server.errors import WorkspaceError
+
+IN_SCOPE = frozenset({"training/train.py", "training/prepare.py", "program.md", "README.md"})
+ALLOWED = ", ".join(sorted(IN_SCOPE))
+# Input limits: generous for real work, small enough that no single call can flood memory, disk or git.
+MAX_TRAIN_BYTES = 1_000_000        # a whole train.py (write_train, or the result of an edit)
+MAX_EDIT_BYTES = 1_000_000         # old_text / new_text of one edit
+MAX_DESCRIPTION_CHARS = 2_000      # a run description, which becomes its commit message
+MAX_READ_LINES = 2_000             # lines returned by one read
+MAX_LISTED_LINES = 50              # line numbers listed in an "ambiguous edit" error
+SIMILAR = 0.6                      # difflib ratio above which a line is offered as a "did you mean"
+DESCRIBE_TIMEOUT = 120             # seconds for `prepare.py --describe` (imports torch, hashes the val file)
+# Variables a training process inherits from the server when set; everything else is built from scratch.
+PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
+               "HF_HOME", "LD_LIBRARY_PATH", "CUDA_HOME")
+PASSTHROUGH_PREFIXES = ("HIP", "PYTORCH_", "ROCR_", "TRITON_", "TORCHINDUCTOR_")
+
+
+# ---- access
+
+def resolve_in_scope(workspace: Path, path: str) -> Path:
+    """The workspace file the agent named, if it is one of the in-scope files, else WorkspaceError.
+
+    Checked lexically first (no absolute paths, no `..`), then on disk: an in-scope name that is a symlink must
+    resolve to that same file, so nothing outside (or elsewhere inside) the workspace can be reached through it.
+    """
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise WorkspaceError(f"invalid path {path!r}: give one of the in-scope files: {ALLOWED}")
+    pure = PurePosixPath(path)
+    if pure.is_absolute():
+        raise WorkspaceError(f"absolute paths are refused ({path!r}): give a path relative to the workspace, "
+                             f"one of {ALLOWED}")
+    if ".." in pure.parts:
+        raise WorkspaceError(f"'..' is refused in {path!r}: only these workspace files are in scope: {ALLOWED}")
+    rel = pure.as_posix()  # drops "./" and doubled slashes
+    if rel not in IN_SCOPE:
+        raise WorkspaceError(f"{path!r} is out of scope: only these workspace files can be read: {ALLOWED}")
+    root = Path(workspace).resolve()
+    try:
+        real = (root / rel).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        real = None
+    if real != root / rel:
+        shown = ("a loop" if real is None else real.relative_to(root).as_posix() if real.is_relative_to(root)
+                 else "outside the workspace")
+        raise WorkspaceError(f"{rel} is a symlink to {shown}; refused: only the in-scope files themselves "
+                             f"({ALLOWED}) can be read or edited")
+    return Path(workspace) / rel
+
+
+def check_size(what: str, text: str, max_bytes: int) -> None:
+    """Refuse text over the limit, or text that could not be written as UTF-8 (JSON allows lone surrogates)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise WorkspaceError(f"{what} is not valid Unicode text (it contains a lone surrogate)") from None
+    if size > max_bytes:
+        raise WorkspaceError(f"{what} is {size:,} bytes, over the {max_bytes:,}-byte limit: send a smaller change")
+
+
+def check_description(description: str) -> str:
+    """A run description becomes the commit message and a results.tsv cell: one short, non-empty text."""
+    text = description.strip() if isinstance(description, str) else ""
+    if not text:
+        raise WorkspaceError("the description is empty: say in a few words what this experiment changes")
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise WorkspaceError(f"the description is {len(text):,} characters, over the {MAX_DESCRIPTION_CHARS:,} "
+                             "limit: keep it to a sentence or two")
+    if "\0" in text:
+        raise WorkspaceError("the description contains a NUL character: send plain text")
+    return text
+
+
+# ---- reading and editing
+
+def read_numbered(path: Path, offset: int = 1, limit: int = MAX_READ_LINES) -> tuple[str, int]:
+    """Lines offset..offset+limit-1 in `cat -n` style under a header saying where they sit in the file,
+    and the file's total line count."""
+    if offset < 1 or limit < 1:
+        raise WorkspaceError(f"offset and limit must be >= 1 (got offset={offset}, limit={limit})")
+    if not path.is_file():
+        raise WorkspaceError(f"{path.name} does not exist in this workspace")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines:
+        return f"{path.name}: empty file (0 lines)", 0
+    if offset > len(lines):
+        raise WorkspaceError(f"offset {offset} is past the end: {path.name} has {len(lines)} lines")
+    shown = lines[offset - 1:offset - 1 + min(limit, MAX_READ_LINES)]
+    last = offset + len(shown) - 1
+    header = f"{path.name}: lines {offset}-{last} of {len(lines)}"
+    if last < len(lines):
+        header += f" (read on with offset={last + 1})"
+    return "\n".join([header, *(f"{n:>6}\t{line}" for n, line in enumerate(shown, offset))]), len(lines)
+
+
+def edit_unique(text: str, old: str, new: str) -> tuple[str, int]:
+    """Replace the one occurrence of `old` with `new`; returns the new text and the first changed line.
+
+    The edit applies only if `old` occurs exactly once (overlapping occurrences count), so the agent always knows
+    which code it changed. Otherwise nothing changes and the error says where to look.
+    """
+    if not old:
+        raise WorkspaceError("old_text is empty: copy the exact lines to replace from read_file")
+    if old == new:
+        raise WorkspaceError("old_text and new_text are identical: nothing would change")
+    check_size("old_text", old, MAX_EDIT_BYTES)
+    check_size("new_text", new, MAX_EDIT_BYTES)
+    starts = _occurrences(text, old)
+    if not starts:
+        candidates = "; ".join(f"line {n}: {line[:80]!r}" for n, line in _closest_lines(text, old))
+        if not candidates:
+            raise WorkspaceError("old_text was not found, and no line resembles its first line. Re-read the file "
+                                 "with read_file and copy the text exactly, indentation and whitespace included.")
+        raise WorkspaceError(f"old_text was not found. Closest candidates: {candidates}. Re-read those lines with "
+                             "read_file and copy them exactly, indentation and whitespace included.")
+    if len(starts) > 1:
+        lines = sorted(set(_line_numbers(text, starts)))
+        listed = ", ".join(map(str, lines[:MAX_LISTED_LINES])) + (" ..." if len(lines) > MAX_LISTED_LINES else "")
+        raise WorkspaceError(f"old_text is ambiguous: it occurs {len(starts)} times, at lines {listed}. Include "
+                             "more surrounding lines so it matches exactly once.")
+    start = starts[0]
+    result = text[:start] + new + text[start + len(old):]
+    check_size("the edited file", result, MAX_TRAIN_BYTES)
+    same = len(os.path.commonprefix([old, new]))  # the first changed line may come after unchanged lines
+    return result, text.count("\n", 0, start + same) + 1
+
+
+def _occurrences(text: str, old: str) -> list[int]:
+    starts, i = [], text.find(old)
+    while i != -1:
+        starts.append(i)
+        i = text.find(old, i + 1)
+    return starts
+
+
+def _line_numbers(text: str, positions: list[int]) -> list[int]:
+    """1-based line numbers of ascending positions, counting each stretch of text once (linear, not quadratic)."""
+    numbers, line, previous = [], 1, 0
+    for position in positions:
+        line += text.count("\n", previous, position)
+        previous = position
+        numbers.append(line)
+    return numbers
+
+
+def _closest_lines(text: str, old: str) -> list[tuple[int, str]]:
+    """Up to three (line number, line) most like the first line of `old`: a failed match is usually a
+    whitespace or typo slip on one of them."""
+    first = next((line.strip() for line in old.splitlines() if line.strip()), "")
+    matcher = difflib.SequenceMatcher(autojunk=False)
+    matcher.set_seq2(first)  # difflib caches its index of seq2, so the fixed side goes there
+    scored = []
+    for n, line in enumerate(text.splitlines(), 1):
+        matcher.set_seq1(line.strip())
+        # the cheap upper bounds skip most lines before the quadratic ratio()
+        if first and matcher.real_quick_ratio() >= SIMILAR and matcher.quick_ratio() >= SIMILAR:
+            if (ratio := matcher.ratio()) >= SIMILAR:
+                scored.append((-ratio, n, line.strip()))
+    return [(n, line) for _, n, line in sorted(scored)[:3]]
+
+
+def unified_diff(before: str, after: str, path: str, context: int = 3) -> str:
+    """The change as `git diff` would show it, so the agent sees exactly what an edit did."""
+    lines = difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                 f"a/{path}", f"b/{path}", n=context)
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace a file so that a crash leaves either the old or the new content, never half of each.
+    The file keeps its permission bits (train.py may be executable)."""
+    data = text.encode("utf-8")
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- the frozen harness and the run environment
+
+def training_env(workspace: Path, *, profile: str | None, dataset: str | None, cache: Path | None,
+                 budget: float | None, result_file: Path, seed: int | None) -> dict:
+    """The complete environment of a training run, built from scratch rather than copied from the server's:
+    the server alone picks profile, dataset, budget and result file, and nothing else leaks in.
+    None leaves a setting to prepare.py's default; relative paths are taken from the workspace."""
+    return _clean_env(workspace, profile, dataset, cache, budget,
+                      AUTORESEARCH_RESULT_FILE=Path(workspace, result_file),
+                      AUTORESEARCH_SEED=seed)
+
+
+def describe_harness(workspace: Path, profile: str | None, dataset: str | None, cache: Path | None,
+                     budget: float | None = None) -> dict:
+    """What the frozen harness will use (profile constants, dataset, readiness, val fingerprint), asked of
+    prepare.py itself in a subprocess so the server never imports torch or the harness."""
+    if not (Path(workspace) / "training/prepare.py").is_file():
+        raise WorkspaceError(f"{workspace} has no training/prepare.py: is it an autoresearch workspace? "
+                             "Create one with `autoresearch-mcp init DIR`.")
+    cmd = [sys.executable, "training/prepare.py", "--describe"]
+    cmd += [f"--profile={profile}"] if profile else []
+    cmd += [f"--dataset={dataset}"] if dataset else []
+    env = _clean_env(workspace, profile, dataset, cache, budget)
+    by_hand = f"cd {shlex.quote(str(workspace))} && " + shlex.join(
+        [*(f"{k}={v}" for k, v in env.items() if k.startswith("AUTORESEARCH_")), *cmd])
+    try:
+        proc = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", timeout=DESCRIBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise WorkspaceError(f"prepare.py --describe did not answer within {DESCRIBE_TIMEOUT} s. "
+                             f"Run it by hand to see why: {by_hand}") from None
+    if proc.returncode:
+        raise WorkspaceError(f"prepare.py --describe failed (exit {proc.returncode}):\n{_tail(proc.stderr)}\n"
+                             f"Run it by hand to see the whole output: {by_hand}")
+    try:
+        described = json.loads(proc.stdout)
+    except ValueError:
+        described = None
+    if not isinstance(described, dict):
+        raise WorkspaceError(f"prepare.py --describe did not print one JSON object on stdout; it printed:\n"
+                             f"{_tail(proc.stdout)}\nRun it by hand: {by_hand}")
+    return described
+
+
+def _clean_env(workspace: Path, profile, dataset, cache, budget, **more) -> dict:
+    env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)}
+    settings = {"AUTORESEARCH_PROFILE": profile, "AUTORESEARCH_DATASET": dataset,
+                "AUTORESEARCH_CACHE": None if cache is None else Path(workspace, cache),
+                "AUTORESEARCH_TIME_BUDGET": None if budget is None else f"{budget:g}", **more}
+    env.update({k: str(v) for k, v in settings.items() if v is not None})
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def harness_pins(workspace: Path, describe: dict) -> dict:
+    """What must not change during a session: prepare.py's bytes, the profile's constants, the val data."""
+    prepare = (Path(workspace) / "training/prepare.py").read_bytes()
+    return {"prepare_sha256": hashlib.sha256(prepare).hexdigest(), "profile": describe["profile"],
+            "val_fingerprint": describe["val_fingerprint"]}
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])[-3000:]
