@@ -97,7 +97,10 @@ def create_server(settings: Settings) -> MCPServer:
         interrupted = research.recover()
         if interrupted:
             log.warning("recorded runs left by a previous server as interrupted: %s", ", ".join(interrupted))
-        yield {}
+        try:
+            yield {}
+        finally:
+            research.shutdown()  # a run nobody can wait for any more must not keep the device
 
     mcp = MCPServer("autoresearch", instructions=INSTRUCTIONS, version="0.1.0", lifespan=lifespan)
 

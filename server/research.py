@@ -120,6 +120,11 @@ class Research:
         """Settle runs a previous server left behind (killed mid-run): kill orphans, record them interrupted."""
         return self.runs.recover()
 
+    def shutdown(self) -> None:
+        """At server exit: stop the run in progress and record it interrupted."""
+        if self._runs is not None:
+            self._runs.shutdown()
+
     # ---------------------------------------------------------------- session state derived from the ledger
 
     def session(self) -> dict | None:

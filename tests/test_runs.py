@@ -1,0 +1,567 @@
+"""RunManager: training runs as subprocesses that report honestly and can never wedge the machine.
+
+Every test drives a fake training/train.py (a few lines of plain Python, no torch) through the real RunManager:
+the metric comes only from the result file, crashes are explained, timeouts and cancellation leave no process
+behind, one run holds a device at a time across processes, and a server killed mid-run is cleaned up on restart.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from server import runs
+from server.errors import WorkspaceError
+from server.gitops import Git
+from server.ledger import Ledger
+from server.runs import RunManager
+
+REPO = Path(__file__).resolve().parents[1]
+PREPARE_SOURCE = "# the frozen harness (a stand-in: the fake train.py below never imports it)\nMAX_SEQ_LEN = 128\n"
+FINGERPRINT = "f" * 64
+PROFILE = {"name": "smoke", "max_seq_len": 128, "time_budget": 5, "eval_tokens": 2**14, "vocab_size": 8192}
+
+# Helpers every fake train.py gets: progress lines and the summary block in train.py's format, and the result
+# file the way evaluate_bpb writes it (atomically, to $AUTORESEARCH_RESULT_FILE).
+FAKE_HARNESS = f"""
+import json, os, subprocess, sys, time
+
+def result(val_bpb=0.987654, **changes):
+    data = {{"val_bpb": val_bpb, "profile": "smoke", "dataset": "sotu", "max_seq_len": 128,
+             "eval_tokens": {2**14}, "vocab_size": 8192, "val_fingerprint": "{FINGERPRINT}",
+             "eval_seconds": 0.1, "tokens_evaluated": {2**14}, "bytes_evaluated": 60000}}
+    data.update(changes)
+    path = os.environ["AUTORESEARCH_RESULT_FILE"]
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+def progress(step, loss=4.5, left=3):
+    print(f"step {{step:05d}} ({{10.0 * step:.1f}}%) | loss: {{loss:.6f}} | lrm: 1.00 | dt: 10ms | "
+          f"tok/sec: 1,000 | mfu: 1.0% | epoch: 1 | remaining: {{left}}s", flush=True)
+
+def summary(val_bpb):
+    print("---")
+    print(f"val_bpb:          {{val_bpb:.6f}}")
+    print("training_seconds: 5.0")
+    print("peak_vram_mb:     123.4")
+    print("num_steps:        3")
+    print("device:           cpu")
+
+def wait_for(name):
+    while not os.path.exists(name):
+        time.sleep(0.02)
+
+def write_pid(name, pid):
+    with open(name + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.replace(name + ".tmp", name)
+
+"""
+
+SUCCEED = """
+for step in range(3):
+    progress(step)
+result()
+summary(0.987654)
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "training").mkdir(parents=True)
+    (ws / "training" / "prepare.py").write_text(PREPARE_SOURCE)
+    (ws / "training" / "train.py").write_text(FAKE_HARNESS + SUCCEED)
+    (ws / ".gitignore").write_text(".autoresearch/\nresults.tsv\n*.pid\ngo\n")
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    return ws
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):
+    """Every test must leave no training process behind (found by the result-file path the run inherits, which
+    lies under this test's tmp_path); a failing test still gets its processes killed here."""
+    yield
+    marker = f"AUTORESEARCH_RESULT_FILE={tmp_path.resolve()}/".encode()
+    leftovers = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if runs.is_alive(pid, None) and any(entry.startswith(marker) for entry in environ.split(b"\0")):
+            os.kill(pid, signal.SIGKILL)
+            leftovers.append(pid)
+    assert not leftovers, f"training processes survived the test: {sorted(leftovers)}"
+
+
+def git(ws, *args):
+    return subprocess.run(["git", "-C", str(ws), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def commit_train(ws, source):
+    """Write train.py and commit it (as the server does before every run); returns the commit."""
+    (ws / "training" / "train.py").write_text(FAKE_HARNESS + textwrap.dedent(source))
+    git(ws, "add", "training/train.py")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "experiment")
+    return git(ws, "rev-parse", "HEAD")
+
+
+def pins(ws):
+    return {"prepare_sha256": hashlib.sha256((ws / "training" / "prepare.py").read_bytes()).hexdigest(),
+            "profile": dict(PROFILE), "val_fingerprint": FINGERPRINT}
+
+
+def manager(ws, cache, **overrides):
+    options = dict(profile="smoke", dataset="sotu", cache=cache, budget_seconds=5, device="cpu")
+    options.update(overrides)
+    return RunManager(ws, Ledger(ws), Git(ws), **options)
+
+
+def start(mgr, source, run_id="r0001", **kwargs):
+    commit = commit_train(mgr.workspace, source)
+    return mgr.start(run_id, commit, f"test {run_id}", seed=42, pins=pins(mgr.workspace), session="t", **kwargs)
+
+
+def run(mgr, source, run_id="r0001"):
+    """Start a run and wait for its end; returns the final record (as returned by wait)."""
+    start(mgr, source, run_id)
+    return anyio.run(mgr.wait, run_id, None, None)
+
+
+def read_pid(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
+def dead(pid):
+    return not runs.is_alive(pid, None)
+
+
+def lock_is_free(cache, device="cpu"):
+    fd = os.open(cache / "locks" / f"{device}.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------ success
+
+
+def test_a_successful_run_takes_val_bpb_from_the_result_file_and_metrics_from_the_summary(workspace, cache):
+    mgr = manager(workspace, cache)
+    source = """
+    for step in range(3):
+        progress(step)
+    result(val_bpb=0.987654)
+    summary(0.5)  # the printed number is not the metric
+    """
+    record = run(mgr, source)
+    assert record["status"] == "succeeded"
+    assert record["val_bpb"] == 0.987654
+    assert record["metrics"] == {"training_seconds": 5.0, "peak_vram_mb": 123.4, "num_steps": 3, "device": "cpu"}
+    assert record["error"] is None and record["log_tail"] is None
+    assert record["exit_code"] == 0
+    # the ledger holds the same folded record: running at start, final at the end
+    ledger = Ledger(workspace)
+    assert ledger.run("r0001")["status"] == "succeeded"
+    assert ledger.run("r0001")["val_bpb"] == 0.987654
+    assert [r["status"] for r in ledger.records() if r.get("id") == "r0001"] == ["running", "succeeded"]
+    start_record = ledger.records()[0]
+    assert start_record["commit"] == git(workspace, "rev-parse", "HEAD")
+    assert start_record["pid"] == start_record["pgid"] and start_record["session"] == "t"
+    assert mgr.current() is None
+    assert lock_is_free(cache)
+    assert mgr.progress("r0001")["step"] == 2
+
+
+def test_progress_is_parsed_live_and_reported_while_waiting(workspace, cache, monkeypatch):
+    monkeypatch.setattr(runs, "PROGRESS_SECONDS", 0.1)
+    mgr = manager(workspace, cache)
+    source = """
+    progress(1, loss=5.25, left=9)
+    sys.stdout.write("\\rstep 00002 (20.0%) | loss: 4.750000 | remaining: 8s    ")  # upstream's \\r style
+    sys.stdout.flush()
+    wait_for("go")
+    result()
+    summary(0.9)
+    """
+    handle = start(mgr, source)
+    assert mgr.current() is handle and mgr.get("r0001") is handle
+    wait_until(lambda: mgr.progress("r0001")["step"] == 2)
+    progress = mgr.progress("r0001")
+    assert progress["percent"] == 20.0 and progress["loss"] == 4.75 and progress["seconds_left"] == 8.0
+    assert progress["elapsed"] >= 0
+
+    reports = []
+
+    async def on_progress(p):
+        reports.append(p)
+
+    record = anyio.run(mgr.wait, "r0001", 0.5, on_progress)
+    assert record["status"] == "running" and record["id"] == "r0001"  # max_wait passed, the run goes on
+    assert reports and reports[-1]["step"] == 2
+    (workspace / "go").touch()
+    assert anyio.run(mgr.wait, "r0001", None, on_progress)["status"] == "succeeded"
+
+
+def test_log_reader_parses_new_bytes_only_even_when_lines_arrive_in_pieces(tmp_path):
+    log = tmp_path / "log.txt"
+    reader = runs.LogReader(log)
+    with open(log, "wb") as f:
+        for chunk in [b"hello\nstep 00001 (1", b"0.0%) | loss: 3.5 | remaining: 12s\r", b"step 00002 (20.0%) | lo",
+                      b"ss: 3.25 | remaining: 11s\n---\nval_bpb: 0.5\nnum_steps: 2\nmfu_percent: 1.50\n"]:
+            f.write(chunk)
+            f.flush()
+            reader.read()
+            if chunk.startswith(b"0.0%"):
+                assert reader.progress == {"step": 1, "percent": 10.0, "loss": 3.5, "seconds_left": 12.0}
+    assert reader.progress == {"step": 2, "percent": 20.0, "loss": 3.25, "seconds_left": 11.0}
+    assert reader.summary == {"val_bpb": 0.5, "num_steps": 2, "mfu_percent": 1.5}
+    assert reader.offset == log.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------------ failures
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("progress(1)\nraise ValueError('boom')\n", "ValueError: boom (training/train.py line "),
+    ("progress(1)\nprint('FAIL: loss is NaN/exploding at step 1', flush=True)\nsys.exit(1)\n",
+     "FAIL: loss is NaN/exploding at step 1"),
+    ("def broken(:\n    pass\n", "SyntaxError: invalid syntax (training/train.py line "),
+    ("import flash_attn_3_missing\n", "ModuleNotFoundError: No module named 'flash_attn_3_missing' (training/train.py"),
+    ("raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')\n", "CUDA out of memory"),
+    ("result()\nsummary(0.9)\nraise SystemExit(3)\n", "exited with code 3"),
+    ("print('training', flush=True)\nos.kill(os.getpid(), 9)\n",
+     "killed by SIGKILL (often the kernel's out-of-memory killer): training"),
+])
+def test_a_crash_is_recorded_with_the_relevant_log_line(workspace, cache, source, expected):
+    record = run(manager(workspace, cache), source)
+    assert record["status"] == "crashed"
+    assert record["val_bpb"] is None  # even when evaluate_bpb wrote a result before the crash
+    assert expected in record["error"]
+    assert record["log_tail"]
+    assert Ledger(workspace).run("r0001")["error"] == record["error"]
+
+
+def test_the_error_line_names_the_exception_and_where_train_py_raised_it():
+    log = """step 00012 (4.0%) | loss: 5.1 | remaining: 288s
+Traceback (most recent call last):
+  File "/ws/training/train.py", line 311, in <module>
+    loss = model(x, y)
+  File "/venv/lib/python3.11/site-packages/torch/nn/modules/module.py", line 1773, in _call_impl
+    return forward_call(*args, **kwargs)
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.
+[rank0]: some trailing noise"""
+    assert runs.error_line(log.splitlines()) == (
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. (training/train.py line 311)")
+    assert runs.error_line(["step 00003 (1.0%) | loss: nan", "FAIL", "exiting"]) == "FAIL"
+    assert runs.error_line(["loading", "Killed: out of memory (oom-kill)", "bye"]) == "Killed: out of memory (oom-kill)"
+    assert runs.error_line(["just some output", ""]) == "just some output"
+
+
+def test_a_printed_val_bpb_without_the_result_file_records_no_metric(workspace, cache):
+    record = run(manager(workspace, cache), "summary(0.1)\n")
+    assert record["status"] == "crashed" and record["val_bpb"] is None
+    assert "evaluate_bpb never wrote the result file" in record["error"]
+    assert "val_bpb" not in record["metrics"]
+    assert "val_bpb:          0.100000" in record["log_tail"]
+
+
+def test_a_stale_result_file_from_before_the_run_does_not_count(workspace, cache):
+    mgr = manager(workspace, cache)
+    stale = mgr.run_dir("r0001") / "result.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"val_bpb": 0.5, "max_seq_len": 128}))
+    record = run(mgr, "print('exits without evaluating')\n")
+    assert record["status"] == "crashed" and "never wrote the result file" in record["error"]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("result(val_bpb=float('nan'))\n", "no valid val_bpb"),
+    ("with open(os.environ['AUTORESEARCH_RESULT_FILE'], 'w') as f: f.write('{torn')\n", "not valid JSON"),
+])
+def test_an_invalid_result_file_records_no_metric(workspace, cache, source, expected):
+    record = run(manager(workspace, cache), source)
+    assert record["status"] == "crashed" and record["val_bpb"] is None and expected in record["error"]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("open('training/prepare.py', 'a').write('EVAL_TOKENS = 1\\n')\nresult()\n", "training/prepare.py changed"),
+    ("result(max_seq_len=64)\n", "max_seq_len=64 but the session pinned max_seq_len=128"),
+    ("result(eval_tokens=1024)\n", "eval_tokens=1024"),
+    ("result(vocab_size=256)\n", "vocab_size=256"),
+    ("result(val_fingerprint='0' * 64)\n", "the validation data changed"),
+])
+def test_a_result_that_breaks_the_pins_fails_the_run(workspace, cache, source, expected):
+    record = run(manager(workspace, cache), source)
+    assert record["status"] == "crashed" and record["val_bpb"] is None
+    assert "rejected" in record["error"] and expected in record["error"]
+
+
+def test_a_run_that_floods_the_log_is_stopped(workspace, cache, monkeypatch):
+    monkeypatch.setattr(runs, "MAX_LOG_BYTES", 2**20)
+    record = run(manager(workspace, cache), "while True:\n    print('x' * 10000)\n")
+    assert record["status"] == "crashed" and "prints too much" in record["error"]
+
+
+# ------------------------------------------------------------------------------------------------ no leftovers
+
+
+def test_the_hard_timeout_kills_the_run(workspace, cache):
+    mgr = manager(workspace, cache, timeout_seconds=1)
+    handle = start(mgr, "progress(1)\nwhile True:\n    time.sleep(1)\n")
+    record = anyio.run(mgr.wait, "r0001", None, None)
+    assert record["status"] == "timed_out" and record["val_bpb"] is None
+    assert "hard timeout" in record["error"]
+    assert dead(handle.pid) and lock_is_free(cache)
+
+
+def test_the_default_timeout_is_twice_the_budget_plus_an_allowance(workspace, cache):
+    assert manager(workspace, cache).timeout_seconds == 2 * 5 + runs.TIMEOUT_ALLOWANCE_SECONDS
+
+
+def test_a_run_that_ignores_sigterm_is_killed(workspace, cache, monkeypatch):
+    monkeypatch.setattr(runs, "KILL_GRACE_SECONDS", 0.3)
+    mgr = manager(workspace, cache, timeout_seconds=1)
+    source = """
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(1)
+    """
+    handle = start(mgr, source)
+    assert anyio.run(mgr.wait, "r0001", None, None)["status"] == "timed_out"
+    assert dead(handle.pid)
+
+
+SLEEPER = "import time; time.sleep(1000)"
+DOUBLE_FORK = (f"import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], "
+               "start_new_session=True); open('child.pid.tmp', 'w').write(str(p.pid)); "
+               "os.replace('child.pid.tmp', 'child.pid')")
+GRANDCHILDREN = {
+    # stays in the run's process group
+    "in the group": f"write_pid('child.pid', subprocess.Popen([sys.executable, '-c', {SLEEPER!r}]).pid)",
+    # leaves the group (its own session); train.py still knows it as a child
+    "own session": f"write_pid('child.pid', subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], "
+                   "start_new_session=True).pid)",
+    # leaves the group and its parent exits: only the inherited environment still ties it to the run
+    "own session, orphaned": f"subprocess.run([sys.executable, '-c', {DOUBLE_FORK!r}], check=True)",
+}
+
+
+@pytest.mark.parametrize("spawn", GRANDCHILDREN.values(), ids=GRANDCHILDREN.keys())
+@pytest.mark.parametrize("ending", ["succeeds", "times out"])
+def test_a_child_process_that_outlives_train_py_is_killed(workspace, cache, spawn, ending):
+    mgr = manager(workspace, cache, timeout_seconds=2)
+    tail = "result()\nsummary(0.9)\n" if ending == "succeeds" else "while True:\n    time.sleep(1)\n"
+    start(mgr, spawn + "\nwait_for('child.pid')\n" + tail)
+    child = read_pid(workspace / "child.pid")
+    record = anyio.run(mgr.wait, "r0001", None, None)
+    assert record["status"] == ("succeeded" if ending == "succeeds" else "timed_out")
+    assert dead(child)
+    assert lock_is_free(cache)
+
+
+WAITS_FOR_CANCEL = """
+progress(1)
+write_pid('child.pid', subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)'],
+                                        start_new_session=True).pid)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_cancel_stops_the_run_and_everything_it_started(workspace, cache):
+    mgr = manager(workspace, cache)
+    handle = start(mgr, WAITS_FOR_CANCEL)
+    child = read_pid(workspace / "child.pid")
+    record = mgr.cancel("r0001")
+    assert record["status"] == "cancelled" and record["val_bpb"] is None
+    assert Ledger(workspace).run("r0001")["status"] == "cancelled"
+    assert dead(handle.pid) and dead(child) and lock_is_free(cache)
+    assert mgr.current() is None
+    assert mgr.cancel("r0001")["status"] == "cancelled"  # cancelling again changes nothing
+
+
+def test_a_cancel_during_wait_ends_the_wait_with_the_cancelled_record(workspace, cache):
+    mgr = manager(workspace, cache)
+    start(mgr, WAITS_FOR_CANCEL)
+    read_pid(workspace / "child.pid")
+    threading.Timer(0.2, mgr.cancel, args=("r0001",)).start()
+    assert anyio.run(mgr.wait, "r0001", None, None)["status"] == "cancelled"
+
+
+def test_a_cancelled_wait_leaves_the_run_running(workspace, cache):
+    """The client gave up waiting (its task was cancelled): wait() unwinds at once; stopping is the caller's call."""
+    mgr = manager(workspace, cache)
+    handle = start(mgr, WAITS_FOR_CANCEL)
+
+    async def give_up():
+        with anyio.move_on_after(0.3) as scope:
+            await mgr.wait("r0001", None, None)
+        return scope.cancelled_caught
+
+    assert anyio.run(give_up)
+    assert mgr.current() is handle and runs.is_alive(handle.pid, handle.ticks)
+    assert mgr.cancel("r0001")["status"] == "cancelled"
+
+
+def test_shutdown_stops_the_current_run_as_interrupted(workspace, cache):
+    mgr = manager(workspace, cache)
+    handle = start(mgr, WAITS_FOR_CANCEL)
+    mgr.shutdown()
+    assert Ledger(workspace).run("r0001")["status"] == "interrupted"
+    assert dead(handle.pid) and lock_is_free(cache)
+
+
+# ------------------------------------------------------------------------------------------------ one run at a time
+
+
+def test_one_run_at_a_time_per_manager(workspace, cache):
+    mgr = manager(workspace, cache)
+    start(mgr, WAITS_FOR_CANCEL)
+    with pytest.raises(WorkspaceError, match="r0001 is still training"):
+        start(mgr, SUCCEED, run_id="r0002")
+    mgr.cancel("r0001")
+    assert run(mgr, SUCCEED, run_id="r0002")["status"] == "succeeded"
+
+
+def test_a_run_needs_its_commit_checked_out(workspace, cache):
+    mgr = manager(workspace, cache)
+    commit = commit_train(workspace, SUCCEED)
+    (workspace / "training" / "train.py").write_text("print('uncommitted edit')\n")
+    with pytest.raises(WorkspaceError, match="not commit"):
+        mgr.start("r0001", commit, "d", seed=1, pins=pins(workspace))
+    assert Ledger(workspace).run("r0001") is None
+    assert run(mgr, SUCCEED)["status"] == "succeeded"
+
+
+def test_two_managers_contend_for_one_device(tmp_path, workspace, cache):
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", str(workspace), str(other)], check=True)
+    first, second = manager(workspace, cache), manager(other, cache)
+    start(first, WAITS_FOR_CANCEL)
+    with pytest.raises(WorkspaceError) as busy:
+        start(second, SUCCEED)
+    assert "run r0001" in str(busy.value) and str(workspace.resolve()) in str(busy.value)
+    assert Ledger(other).run("r0001") is None
+    # another device is another lock
+    assert run(manager(other, cache, device="cuda:1"), SUCCEED)["status"] == "succeeded"
+    first.cancel("r0001")
+    assert run(second, SUCCEED, run_id="r0002")["status"] == "succeeded"
+
+
+HOLDER = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "workspace": "/elsewhere", "run_id": "r0042"}).encode())
+print("locked", flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_lock_held_by_another_process_is_refused_then_reclaimed_when_it_dies(workspace, cache):
+    lock = cache / "locks" / "cpu.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        mgr = manager(workspace, cache)
+        with pytest.raises(WorkspaceError) as busy:
+            start(mgr, SUCCEED)
+        assert "r0042" in str(busy.value) and f"pid {holder.pid}" in str(busy.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(mgr, SUCCEED, run_id="r0002")["status"] == "succeeded"
+    assert json.loads(lock.read_text())["run_id"] == "r0002"
+
+
+# ------------------------------------------------------------------------------------------------ server crash
+
+
+SERVER = """
+import sys, time
+from pathlib import Path
+from server.gitops import Git
+from server.ledger import Ledger
+from server.runs import RunManager
+ws, cache, commit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+pins = {"prepare_sha256": sys.argv[4], "profile": %r, "val_fingerprint": %r}
+mgr = RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache, budget_seconds=5)
+handle = mgr.start("r0001", commit, "orphan to be", seed=42, pins=pins, session="t")
+print(handle.pid, flush=True)
+time.sleep(1000)
+""" % (PROFILE, FINGERPRINT)
+
+
+def test_recover_kills_the_orphan_of_a_killed_server_and_records_it_interrupted(workspace, cache):
+    commit = commit_train(workspace, WAITS_FOR_CANCEL)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(workspace), str(cache), commit, pins(workspace)["prepare_sha256"]],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    train_pid = int(server.stdout.readline())
+    child = read_pid(workspace / "child.pid")
+    server.kill()  # SIGKILL: no cleanup of any kind
+    server.wait()
+    assert runs.is_alive(train_pid, None) and not lock_is_free(cache)  # the orphan still trains and holds the GPU
+
+    mgr = manager(workspace, cache)
+    with pytest.raises(WorkspaceError, match="busy"):
+        start(mgr, SUCCEED, run_id="r0002")
+    assert mgr.recover() == ["r0001"]
+    record = Ledger(workspace).run("r0001")
+    assert record["status"] == "interrupted" and "killed its leftover processes" in record["error"]
+    assert dead(train_pid) and dead(child) and lock_is_free(cache)
+    assert mgr.recover() == []  # settled once
+    assert run(mgr, SUCCEED, run_id="r0002")["status"] == "succeeded"
+
+
+def test_recover_records_a_run_whose_processes_are_already_gone(workspace, cache):
+    Ledger(workspace).append({"type": "run", "id": "r0001", "status": "running", "pid": 2**22 + 1,
+                              "proc_start_ticks": 1, "server_pid": 2**22 + 2, "server_start_ticks": 1})
+    assert manager(workspace, cache).recover() == ["r0001"]
+    record = Ledger(workspace).run("r0001")
+    assert record["status"] == "interrupted" and "already exited" in record["error"]
+
+
+def test_recover_leaves_a_run_of_a_live_server_alone(workspace, cache):
+    owner = manager(workspace, cache)
+    handle = start(owner, WAITS_FOR_CANCEL)
+    assert manager(workspace, cache).recover() == []
+    assert runs.is_alive(handle.pid, handle.ticks)
+    owner.cancel("r0001")
