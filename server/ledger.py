@@ -182,14 +182,19 @@ class Ledger:
         """Upstream's results.tsv for the current session (every run when no session was started)."""
         session = self.session()
         runs = self.runs(session.get("tag") if session else None)
-        # noise runs measure the baseline's spread; they are not experiments and need no keep/discard
-        rows = [_tsv_row(r) for r in runs if r.get("kind") != "noise"]
-        return TSV_HEADER + "".join(rows)
+        return TSV_HEADER + "".join(_tsv_row(r) for r in runs)
+
+
+def row_status(run: dict) -> str:
+    """Upstream's vocabulary: keep, discard, crash (any failure); plus running, and pending for an undecided
+    success."""
+    if run.get("status") != "succeeded":
+        return TSV_STATUS.get(run.get("status"), "crash")
+    return run.get("decision") if run.get("decision") in ("keep", "discard") else "pending"
 
 
 def _tsv_row(run: dict) -> str:
-    decision = run.get("decision")
-    status = decision if decision in ("keep", "discard") else TSV_STATUS.get(run.get("status"), "crash")
+    status = row_status(run)
     metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
     description = str(run.get("description") or "").translate(BLANKS)  # tabs/newlines would break columns
     return (f"{str(run.get('commit') or '')[:7]}\t{_number(run.get('val_bpb')):.6f}\t"

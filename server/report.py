@@ -6,9 +6,8 @@ from pathlib import Path
 
 from server.errors import WorkspaceError
 from server.gitops import TRAIN
-from server.ledger import Ledger
+from server.ledger import Ledger, row_status
 from server.plot import progress_png
-from server.research import row_status
 
 
 def pick_session(workspace: Path, ledger: Ledger, tag: str | None) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from server import workspace as ws
 from server.errors import WorkspaceError
 from server.gitops import TRAIN, Git
-from server.ledger import Ledger
+from server.ledger import Ledger, row_status
 from server.models import (
     Decision,
     DiffResult,
@@ -514,15 +514,6 @@ class Research:
             status=row_status(run),
             description=run.get("description", ""),
         )
-
-
-def row_status(run: dict) -> str:
-    """The upstream results.tsv vocabulary: keep, discard, crash; plus running and pending (undecided)."""
-    if run.get("status") == "running":
-        return "running"
-    if run.get("status") != "succeeded":
-        return "crash"
-    return run.get("decision") or "pending"
 
 
 def next_step_for(run: dict, delta: float | None, within_noise: bool | None) -> str:

@@ -209,7 +209,8 @@ def test_results_tsv_is_upstream_format_for_the_current_session(tmp_path):
         run_record("r0004", commit=sha, status="crashed", val_bpb=None, description="OOM"),
         run_record("r0005", commit=sha, status="timed_out", description="slow"),
         run_record("r0006", commit=sha, status="succeeded", val_bpb=0.99, description="undecided"),
-        run_record("r0007", commit=sha, status="succeeded", val_bpb=0.98, kind="noise", description="noise"),
+        run_record("r0007", commit=sha, status="succeeded", val_bpb=0.98, kind="noise", decision="discard",
+                   description="noise floor: seed 43"),
         run_record("r0008", commit=sha, status="running", description="in flight"),
     ]
     for row in rows:
@@ -220,6 +221,7 @@ def test_results_tsv_is_upstream_format_for_the_current_session(tmp_path):
         "0123456\t0.000000\t0.0\tcrash\tOOM\n"
         "0123456\t0.000000\t0.0\tcrash\tslow\n"
         "0123456\t0.990000\t0.0\tpending\tundecided\n"
+        "0123456\t0.980000\t0.0\tdiscard\tnoise floor: seed 43\n"  # nothing hidden: noise runs are rows too
         "0123456\t0.000000\t0.0\trunning\tin flight\n")
     assert sorted(p.name for p in ledger.dir.iterdir()) == ["ledger.jsonl"]  # no temp file left behind
 
