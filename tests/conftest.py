@@ -1,0 +1,27 @@
+"""Shared fixtures."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PREPARE = ROOT / "training" / "prepare.py"
+
+
+@pytest.fixture(scope="session")
+def prepared_cache(tmp_path_factory):
+    """A cache folder (use it as AUTORESEARCH_CACHE) holding the sotu dataset prepared for the smoke profile,
+    prepared once per test session through prepare.py's own command line."""
+    cache = tmp_path_factory.mktemp("autoresearch-cache")
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, str(PREPARE), "--dataset", "sotu", "--profile", "smoke"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return cache
+
+
+# The fault-injection tally (tests/tally.py): the `tally` fixture and the closing line of the session.
+pytest_plugins = ("tally",)
