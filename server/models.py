@@ -71,6 +71,9 @@ class Status(BaseModel):
     train_py_modified: bool = Field(description="Whether train.py has uncommitted edits")
     noise_floor: NoiseFloor | None = Field(description="Measured seed noise for this profile and dataset, if any")
     runs: int = Field(description="Runs recorded in this session")
+    ledger_damaged_lines: list[int] = Field(
+        description="Ledger lines that were torn or garbled (e.g. by a power loss) and skipped; empty when healthy"
+    )
 
 
 class SessionInfo(BaseModel):

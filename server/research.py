@@ -199,6 +199,7 @@ class Research:
             train_py_modified=self.git.train_changed(),
             noise_floor=self.noise_floor(self.profile_name, self.dataset),
             runs=len(runs),
+            ledger_damaged_lines=self.ledger.damaged_lines,
         )
 
     def read_file(self, path: str, offset: int, limit: int) -> FileText:
@@ -346,6 +347,7 @@ class Research:
                 f"Restore it with `git checkout {session['base_commit'][:12]} -- training/prepare.py`."
             )
         preflight((self.root / TRAIN).read_text())
+        self.runs.ensure_device_free()
         if self.git.train_changed():
             commit = self.git.commit_train(description)
         else:

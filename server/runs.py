@@ -448,6 +448,10 @@ class RunManager:
             raise WorkspaceError(self.busy_message(path, info)) from None
         return fd
 
+    def ensure_device_free(self) -> None:
+        """Raise the busy error now, before the caller commits anything for a run that could not start."""
+        os.close(self.acquire_lock())
+
     def busy_message(self, path: Path, info: str) -> str:
         try:
             holder = json.loads(info)
@@ -529,9 +533,9 @@ class RunManager:
         reason = handle.stop_reason
         if reason == "timed_out":
             return {**failed, "status": "timed_out", "error": (
-                f"killed after {self.timeout_seconds:.0f}s, the hard timeout (twice the {self.budget_seconds:.0f}s "
-                f"budget plus {TIMEOUT_ALLOWANCE_SECONDS}s for startup and evaluation): make sure the training loop "
-                "stops at TIME_BUDGET and nothing blocks after evaluate_bpb.")}
+                f"killed after {self.timeout_seconds:.0f}s, the hard timeout (the training budget is "
+                f"{self.budget_seconds:.0f}s; the rest is allowance for startup and evaluation): make sure the "
+                "training loop stops at TIME_BUDGET and nothing blocks after evaluate_bpb.")}
         if reason == "cancelled":
             return {**failed, "status": "cancelled", "error": "cancelled before it finished"}
         if reason == "interrupted":

@@ -537,6 +537,7 @@ def test_a_torn_ledger_line_loses_nothing(settings, workspace, tally, caplog):
         assert status["session"] == "torn" and status["runs"] == 1
         assert [r["run_id"] for r in rows] == [first["run_id"]]
         assert "damaged" in caplog.text
+        assert status["ledger_damaged_lines"] == [len(ledger.read_bytes().splitlines())]  # reported to the agent
         second = await run(client, tally, workspace, "second", None)
         assert second["run_id"] == "r0002"
         rows = (await call(client, "results"))["rows"]
