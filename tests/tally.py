@@ -38,8 +38,8 @@ class Tally:
     def bad_input(self, count: int = 1) -> None:
         self.totals.bad_inputs += count
 
-    def fault_survived(self) -> None:
-        self.totals.faults += 1
+    def fault_survived(self, count: int = 1) -> None:
+        self.totals.faults += count
 
     def run(self, workspace: Path, result: dict) -> dict:
         """Remember a run a tool reported (run_experiment, wait_for_run, cancel_run...); returns the result."""

@@ -29,7 +29,6 @@ BUDGET = 2.0
 # A model evaluate_bpb can score, trained for zero steps: the cheapest honest run.
 TINY = '''"""Stand-in train.py: a low-rank bigram model, scored by the frozen harness."""
 import torch
-import torch.nn.functional as F
 from prepare import Tokenizer, evaluate_bpb
 
 
@@ -39,9 +38,8 @@ class Tiny(torch.nn.Module):
         self.embed = torch.nn.Embedding(vocab, dim)
         self.head = torch.nn.Linear(dim, vocab)
 
-    def forward(self, x, y, reduction="mean"):
-        logits = self.head(self.embed(x))
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
+    def forward(self, x):
+        return self.head(self.embed(x))
 
 
 tokenizer = Tokenizer.load()
@@ -245,6 +243,25 @@ def test_a_crash_after_printing_a_summary_records_no_val_bpb(settings, workspace
         assert "only a succeeded run" in await refused(client, tally, "keep", run_id=crashed["run_id"])
     in_process(settings, body)
     tally.fault_survived()
+
+
+def test_a_model_that_sees_the_future_or_reports_its_own_loss_is_not_scored(settings, workspace, tally):
+    # the two ways a model could make evaluate_bpb's number meaningless: a leak of the next token (a broken
+    # causal mask), and a forward that hands back a loss of its choosing instead of logits
+    peeks = TINY.replace("return self.head(self.embed(x))",
+                         "return 30.0 * torch.nn.functional.one_hot(torch.roll(x, -1, 1), self.head.out_features).float()")
+    own_loss = TINY.replace("return self.head(self.embed(x))", "return self.head.weight.sum() * 0")
+
+    async def body(client):
+        await call(client, "start_session", tag="leaks")
+        leak = await run(client, tally, workspace, "attend to the future", peeks + EVALUATE)
+        assert leak["status"] == "crashed" and leak["val_bpb"] is None
+        assert "not causal" in leak["error"] + leak["log_tail"]
+        scaled = await run(client, tally, workspace, "report a loss of my own", own_loss + EVALUATE)
+        assert scaled["status"] == "crashed" and scaled["val_bpb"] is None
+        assert "logits" in scaled["error"] + scaled["log_tail"]
+    in_process(settings, body)
+    tally.fault_survived(2)
 
 
 def test_prepare_py_edited_at_run_time_fails_the_run_and_it_stays_failed(settings, workspace, tally):

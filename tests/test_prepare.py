@@ -176,20 +176,18 @@ def test_val_stream_ignores_the_seed(sotu):
 class Uniform(torch.nn.Module):
     """Predicts uniform logits over the vocab: the per-token loss is exactly ln(V)."""
 
-    def __init__(self, vocab_size, flat=True):
+    def __init__(self, vocab_size):
         super().__init__()
-        self.vocab_size, self.flat = vocab_size, flat
+        self.vocab_size = vocab_size
         self.dummy = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, x, y, reduction="mean"):
-        logits = torch.zeros(y.numel(), self.vocab_size) + self.dummy
-        loss = F.cross_entropy(logits, y.reshape(-1), reduction=reduction)
-        return loss if self.flat else loss.view_as(y)
+    def forward(self, x):
+        return torch.zeros(*x.shape, self.vocab_size) + self.dummy
 
 
 def expected_uniform_bpb(tok, batch_size):
     """The analytic value, counted independently: ln(V) nats for each non-special target over its bytes.
-    (The model computes its loss in float32, hence the 1e-6 tolerance below.)"""
+    (evaluate_bpb computes the loss in float32, hence the 1e-6 tolerance below.)"""
     loader = prepare.make_dataloader(tok, batch_size, SMOKE.max_seq_len, "val")
     n_tokens = n_bytes = 0
     for _ in range(SMOKE.eval_tokens // (batch_size * SMOKE.max_seq_len)):
@@ -206,8 +204,30 @@ def test_evaluate_bpb_of_uniform_logits_is_the_analytic_value(sotu, smoke):
     model.train()
     assert prepare.evaluate_bpb(model, sotu, 8) == pytest.approx(expected, rel=1e-6)
     assert model.training, "evaluate_bpb must restore the model's mode"
-    # per-token losses shaped [B, T] work too, and the batch size does not change the value
-    assert prepare.evaluate_bpb(Uniform(sotu.get_vocab_size(), flat=False), sotu, 16) == pytest.approx(expected, rel=1e-6)
+    # the batch size does not change the value
+    assert prepare.evaluate_bpb(Uniform(sotu.get_vocab_size()), sotu, 16) == pytest.approx(expected, rel=1e-6)
+
+
+class PeeksAhead(Uniform):
+    """Puts all its mass on the next input token: what a model with a broken causal mask does."""
+
+    def forward(self, x):
+        return 30.0 * F.one_hot(torch.roll(x, -1, dims=1), self.vocab_size).float() + self.dummy
+
+
+class ReturnsItsOwnLoss(Uniform):
+    def forward(self, x, targets=None, reduction="mean"):
+        return torch.zeros((), requires_grad=True)
+
+
+def test_evaluate_bpb_refuses_a_model_that_sees_the_future(sotu, smoke):
+    with pytest.raises(prepare.PrepareError, match="not causal"):
+        prepare.evaluate_bpb(PeeksAhead(sotu.get_vocab_size()), sotu, 8)
+
+
+def test_evaluate_bpb_computes_the_loss_itself(sotu, smoke):
+    with pytest.raises(prepare.PrepareError, match="must return the logits"):
+        prepare.evaluate_bpb(ReturnsItsOwnLoss(sotu.get_vocab_size()), sotu, 8)
 
 
 def test_evaluate_bpb_writes_a_consistent_result_file(sotu, smoke, tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 import rustbpe
 import tiktoken
 import torch
+import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------
 # Profiles: the fixed constants of a run. Results compare only within a profile.
@@ -786,8 +787,9 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Bits per byte: the sum of per-token cross-entropy (nats) over the sum of the target tokens' UTF-8 byte lengths,
     converted to bits. Special-token targets (byte length 0) are left out of both sums, so the number does not
     depend on the vocab. Scored on the val split at the profile's fixed MAX_SEQ_LEN, over EVAL_TOKENS tokens
-    (at most one pass over the split: small datasets are never scored twice). model(x, y, reduction='none') must
-    return per-token losses in nats. If AUTORESEARCH_RESULT_FILE is set, the result is also written there as JSON.
+    (at most one pass over the split: small datasets are never scored twice). model(x) must return logits
+    [B, T, vocab]; the cross-entropy is computed here, not by the model, so a model cannot report its own loss.
+    If AUTORESEARCH_RESULT_FILE is set, the result is also written there as JSON.
     """
     t0 = time.time()
     device = next(model.parameters()).device
@@ -802,14 +804,20 @@ def evaluate_bpb(model, tokenizer, batch_size):
     model.eval()
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
     try:
-        for _ in range(steps):
-            x, y, _ = next(loader)
-            loss = model(x, y, reduction="none").reshape(-1).double()
-            nbytes = token_bytes[y.reshape(-1)]
-            mask = nbytes > 0
-            total_nats += torch.where(mask, loss, 0.0).sum().item()
-            total_bytes += nbytes.sum().item()
-            total_tokens += mask.sum().item()
+        with torch.no_grad():
+            for step in range(steps):
+                x, y, _ = next(loader)
+                logits = model(x)
+                if step == 0:
+                    _check_logits(logits, x, tokenizer.vocab_size)
+                    _check_causal(model, x[:1], logits[:1])
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
+                                       reduction="none").double()
+                nbytes = token_bytes[y.reshape(-1)]
+                mask = nbytes > 0
+                total_nats += torch.where(mask, loss, 0.0).sum().item()
+                total_bytes += nbytes.sum().item()
+                total_tokens += mask.sum().item()
     finally:
         loader.close()
         model.train(was_training)
@@ -822,6 +830,24 @@ def evaluate_bpb(model, tokenizer, batch_size):
             "val_fingerprint": _sha256_file(tokens.filename), "eval_seconds": round(time.time() - t0, 3),
             "tokens_evaluated": int(total_tokens), "bytes_evaluated": int(total_bytes)})
     return bpb
+
+def _check_logits(logits, x, vocab_size):
+    if not torch.is_tensor(logits) or tuple(logits.shape) != (*x.shape, vocab_size):
+        shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise PrepareError(f"evaluate_bpb needs model(x) to return logits of shape {(*x.shape, vocab_size)}, "
+                           f"got {shape}: with no targets, forward must return the logits")
+
+def _check_causal(model, row, logits):
+    """A model that sees the future scores impossibly well: rewrite the second half of one row and require the
+    logits of the first half to stay put. This catches an accidentally non-causal attention mask."""
+    half = row.size(1) // 2
+    scrambled = row.clone()
+    scrambled[:, half:] = torch.roll(row[:, half:], shifts=1, dims=1) if half > 1 else row[:, half:]
+    before, after = logits[0, :half].float(), model(scrambled)[0, :half].float()
+    scale = before.abs().max().clamp_min(1.0)
+    if (before - after).abs().max() > 0.05 * scale:
+        raise PrepareError("the model is not causal: the logits at position t change when tokens after t change "
+                           "(check the attention mask). val_bpb would measure a leak, not learning.")
 
 # ---------------------------------------------------------------------------
 # CLI
