@@ -46,6 +46,8 @@ class Ledger:
         self._records: list[dict] = []
         self._damaged: list[int] = []  # damaged complete lines (the trailing fragment is judged per read)
         self._tail: dict | None = None  # a final line without its newline that still parses
+        self._folded: dict[str, dict] = {}  # run id -> folded run, over self._records[:self._folded_upto]
+        self._folded_upto = 0
 
     # ---- writing
 
@@ -100,11 +102,18 @@ class Ledger:
         return [dict(r) for r in records]  # copies, so a caller's edits never leak into the cache
 
     def runs(self, session_tag: str | None = None) -> list[dict]:
-        """Run records folded by id (a later record updates the fields of earlier ones), in start order."""
-        folded: dict[str, dict] = {}
-        for rec in self.records():
-            if rec.get("type") == "run" and isinstance(rec.get("id"), str):
-                folded.setdefault(rec["id"], {}).update(rec)
+        """Run records folded by id (a later record updates the fields of earlier ones), in start order.
+        The fold is kept between calls and extended by appended records only: the ledger never rewrites."""
+        with self._lock:
+            self._refresh()
+            for rec in self._records[self._folded_upto:]:
+                if rec.get("type") == "run" and isinstance(rec.get("id"), str):
+                    self._folded.setdefault(rec["id"], {}).update(rec)
+            self._folded_upto = len(self._records)
+            folded = {run_id: dict(run) for run_id, run in self._folded.items()}  # copies, as records() gives
+            tail = self._tail
+        if tail is not None and tail.get("type") == "run" and isinstance(tail.get("id"), str):
+            folded.setdefault(tail["id"], {}).update(tail)
         runs = list(folded.values())
         if session_tag is not None:
             runs = [r for r in runs if r.get("session") == session_tag]
@@ -162,6 +171,7 @@ class Ledger:
     def _reset(self) -> None:
         self._stamp, self._offset, self._lines, self._tail = None, 0, 0, None
         self._records, self._damaged = [], []
+        self._folded, self._folded_upto = {}, 0
 
     def _parse(self, raw: bytes, lineno: int, records: list, damaged: list) -> None:
         try:

@@ -215,11 +215,10 @@ class Research:
     def results(self, limit: int) -> Results:
         session = self.require_session()
         runs = self.session_runs(session)
-        rows = [self.result_row(r) for r in runs]
         best = self.best(runs)
         return Results(
-            rows=rows[-limit:],
-            total=len(rows),
+            rows=[self.result_row(r) for r in runs[-limit:]],
+            total=len(runs),
             best=self.result_row(best) if best else None,
             noise_floor=self.noise_floor(session["profile"], session["dataset"]),
         )
