@@ -68,7 +68,10 @@ def synthetic_corpus(n_docs=20_000, seed=0):
     return tokens, offsets
 
 
-def main():
+def measure(seconds=SECONDS, configs=((32, 256), (16, 2048))):
+    """Both packers on both corpora; prints a line per measurement and returns them as dicts (tokens/s)."""
+    global SECONDS
+    SECONDS = seconds
     cache = prepare.get_cache_dir(os.environ.get("AUTORESEARCH_CACHE"))
     prepare.prepare_dataset("sotu", cache)
     tok = prepare.Tokenizer.load("sotu", cache=cache)
@@ -76,9 +79,10 @@ def main():
     sotu_tokens, sotu_offsets = prepare.load_split(tok, "train")
     synth_tokens, synth_offsets = synthetic_corpus()
     print(f"{'corpus':<10} {'B x T':>10} {'make_dataloader':>16} {'naive Python':>14} {'ratio':>7}")
+    rows = []
     for name, tokens, offsets in [("sotu", sotu_tokens, sotu_offsets), ("synthetic", synth_tokens, synth_offsets)]:
         docs = [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-        for B, T in [(32, 256), (16, 2048)]:
+        for B, T in configs:
             if name == "sotu":
                 fast = tokens_per_second(prepare.make_dataloader(tok, B, T, "train"), B, T)
             else:  # the same packing core make_dataloader runs, on the synthetic token arrays
@@ -86,6 +90,20 @@ def main():
                                           prepare.packed_batches(tokens, offsets, B, T, bos, seed=0)), B, T)
             naive = tokens_per_second(naive_batches(docs, B, T, bos), B, T)
             print(f"{name:<10} {f'{B} x {T}':>10} {fast / 1e6:>12.1f} M/s {naive / 1e6:>10.2f} M/s {fast / naive:>6.0f}x")
+            rows.append({"corpus": name, "B": B, "T": T, "loader_tok_s": fast, "naive_tok_s": naive})
+    return rows
+
+
+def main(argv=None):
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(description="loader throughput against a plain best-fit packer")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="per measurement")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    args = parser.parse_args(argv)
+    rows = measure(args.seconds)
+    if args.json:
+        print(json.dumps({"rows": rows}))
 
 
 if __name__ == "__main__":
