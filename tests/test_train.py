@@ -26,10 +26,13 @@ SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", 
 def train():
     """train.py imported as a module: its definitions load, the training loop (script only) does not run."""
     sys.path.insert(0, str(TRAINING))
+    environ = dict(os.environ)  # train.py (and torch.compile) set variables meant for a training process
     try:
         yield importlib.import_module("train")
     finally:
         sys.path.remove(str(TRAINING))
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def tiny_model(train, window_pattern="L", sequence_len=32):

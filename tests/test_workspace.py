@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from server.errors import WorkspaceError
-from server.workspace import (IN_SCOPE, MAX_DESCRIPTION_CHARS, MAX_EDIT_BYTES, MAX_TRAIN_BYTES, atomic_write,
+from server.workspace import (IN_SCOPE, MAX_DESCRIPTION_CHARS, MAX_EDIT_BYTES, MAX_TRAIN_BYTES,
+                              PASSTHROUGH_PREFIXES, atomic_write,
                               check_description, check_size, describe_harness, edit_unique, harness_pins,
                               read_numbered, resolve_in_scope, training_env, unified_diff)
 
@@ -266,6 +267,8 @@ def test_lone_surrogates_are_refused():
 # ---- run environment
 
 def test_training_env_is_built_from_scratch(ws, monkeypatch):
+    for key in [k for k in os.environ if k.startswith(PASSTHROUGH_PREFIXES)]:
+        monkeypatch.delenv(key)  # whatever this test process happens to carry is not the point here
     monkeypatch.setenv("AUTORESEARCH_RESULT_FILE", "/tmp/attacker.json")
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "gpu")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
