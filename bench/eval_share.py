@@ -13,7 +13,6 @@ Each profile runs in its own interpreter (prepare.py fixes the profile at import
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from server.cli import create_workspace
+
 ROOT = Path(__file__).resolve().parent.parent
 PREPARE = ROOT / "training" / "prepare.py"
 
@@ -21,6 +23,14 @@ def prepared_cache(tmp_path_factory):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return cache
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A fresh workspace repository made the way `autoresearch-mcp init` makes one."""
+    root = tmp_path / "ws"
+    create_workspace(root)
+    return root
 
 
 # The fault-injection tally (tests/tally.py): the `tally` fixture and the closing line of the session.

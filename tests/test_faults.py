@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 from server.app import create_server
 from server.cli import create_workspace
 from server.research import Settings
+from support import call, git
 
 BUDGET = 2.0
 
@@ -82,13 +82,6 @@ def sleeper(new_session: bool) -> str:
 
 
 @pytest.fixture
-def workspace(tmp_path):
-    root = tmp_path / "ws"
-    create_workspace(root)
-    return root
-
-
-@pytest.fixture
 def settings(workspace, prepared_cache):
     return Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache, budget_seconds=BUDGET)
 
@@ -143,11 +136,6 @@ def read_pids(path: Path) -> list[int]:
     return [int(line) for line in wait_for_file(path).split()]
 
 
-def git(workspace, *args) -> str:
-    return subprocess.run(["git", "-C", str(workspace), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
 def ledger_runs(workspace) -> dict:
     runs = {}
     for line in (workspace / ".autoresearch" / "ledger.jsonl").read_text().splitlines():
@@ -158,12 +146,6 @@ def ledger_runs(workspace) -> dict:
         if isinstance(record, dict) and record.get("type") == "run":
             runs.setdefault(record["id"], {}).update(record)
     return runs
-
-
-async def call(client, name, **arguments) -> dict:
-    result = await client.call_tool(name, arguments)
-    assert not result.is_error, result.content[0].text
-    return result.structured_content
 
 
 async def refused(client, tally, name, **arguments) -> str:

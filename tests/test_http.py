@@ -11,7 +11,6 @@ import urllib.request
 
 import pytest
 
-from server.cli import create_workspace
 
 TOKEN = "s3cret-token-for-tests"
 INITIALIZE = json.dumps({
@@ -42,13 +41,6 @@ def post(port: int, headers: dict) -> int:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-@pytest.fixture
-def workspace(tmp_path):
-    root = tmp_path / "ws"
-    create_workspace(root)
-    return root
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import create_workspace
 
 INSPECTOR = Path(__file__).parent.parent / "node_modules" / ".bin" / "mcp-inspector"
 
@@ -27,9 +26,7 @@ def inspect(workspace, cache, *method) -> dict:
     return json.loads(done.stdout)
 
 
-def test_inspector_lists_tools_and_calls_status(tmp_path, prepared_cache):
-    workspace = tmp_path / "ws"
-    create_workspace(workspace)
+def test_inspector_lists_tools_and_calls_status(workspace, prepared_cache):
     tools = inspect(workspace, prepared_cache, "--method", "tools/list")["tools"]
     assert {"status", "run_experiment", "keep", "discard"} <= {t["name"] for t in tools}
     status = inspect(workspace, prepared_cache, "--method", "tools/call", "--tool-name", "status")

@@ -8,7 +8,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import server.ledger

@@ -5,24 +5,16 @@ import pytest
 from mcp import Client
 
 from server.app import create_server
-from server.cli import create_workspace
 from server.research import Settings
+from support import call
 
 SIGMA = 0.01
 
 
 @pytest.fixture
-def server(tmp_path, prepared_cache):
-    workspace = tmp_path / "ws"
-    create_workspace(workspace)
+def server(workspace, prepared_cache):
     return create_server(Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
                                   budget_seconds=2.0))
-
-
-async def call(client, name, **arguments) -> dict:
-    result = await client.call_tool(name, arguments)
-    assert not result.is_error, result.content[0].text
-    return result.structured_content
 
 
 def finished_run(run_id: str, commit: str, val_bpb: float, session: str, decision=None) -> dict:

@@ -3,17 +3,12 @@ after every step, as an agent left alone overnight would leave them."""
 
 import json
 import os
-import subprocess
 import sys
 
 import anyio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from server.cli import create_workspace
-
-
-def git(workspace, *args) -> str:
-    return subprocess.run(["git", "-C", str(workspace), *args], capture_output=True, text=True, check=True).stdout.strip()
+from support import git
 
 
 def ledger_runs(workspace) -> dict:
@@ -32,9 +27,7 @@ def tsv_rows(workspace) -> list[list[str]]:
     return [line.split("\t") for line in lines[1:]]
 
 
-def test_full_loop_over_stdio(tmp_path, prepared_cache):
-    workspace = tmp_path / "ws"
-    create_workspace(workspace)
+def test_full_loop_over_stdio(workspace, prepared_cache, tmp_path):
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke",

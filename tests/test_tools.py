@@ -1,15 +1,14 @@
 """Every tool, through a real MCP client connected in process, against a real workspace and real training runs."""
 
 import json
-import subprocess
 
 import anyio
 import pytest
 from mcp import Client
 
 from server.app import create_server
-from server.cli import create_workspace
 from server.research import Settings
+from support import call, git
 
 TOOLS = {
     "status", "start_session", "read_file", "edit_train", "write_train", "diff_train", "run_experiment",
@@ -20,26 +19,9 @@ BUDGET = 2.0
 
 
 @pytest.fixture
-def workspace(tmp_path):
-    root = tmp_path / "ws"
-    create_workspace(root)
-    return root
-
-
-@pytest.fixture
 def server(workspace, prepared_cache):
     return create_server(Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
                                   budget_seconds=BUDGET))
-
-
-def git(workspace, *args) -> str:
-    return subprocess.run(["git", "-C", str(workspace), *args], capture_output=True, text=True, check=True).stdout.strip()
-
-
-async def call(client, name, **arguments) -> dict:
-    result = await client.call_tool(name, arguments)
-    assert not result.is_error, result.content[0].text
-    return result.structured_content
 
 
 async def refused(client, name, **arguments) -> str:
