@@ -51,7 +51,7 @@ def print_results(workspace: Path, tag: str | None, limit: int, show_diff: bool)
     baseline = kept[0]
     print(f"\nbest: {best['id']} val_bpb {best['val_bpb']:.6f} "
           f"({best['val_bpb'] - baseline['val_bpb']:+.6f} against the first kept run {baseline['id']})")
-    chain = [r for r in kept if r["id"] <= best["id"]][1:]
+    chain = kept[1:kept.index(best) + 1]
     if chain:
         print("built from these kept changes:")
         for run in chain:

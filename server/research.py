@@ -390,7 +390,8 @@ class Research:
         return self.run_result(record, self.ledger.runs(record.get("session")))
 
     def run_result(self, run: dict, runs: list[dict]) -> RunResult:
-        earlier = [r for r in runs if r["id"] < run["id"]]
+        ids = [r["id"] for r in runs]
+        earlier = runs[:ids.index(run["id"])] if run["id"] in ids else runs  # ledger order, not id order
         best = self.best(earlier)
         best_bpb = best["val_bpb"] if best else None
         val_bpb = run.get("val_bpb")
