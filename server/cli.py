@@ -159,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="where to create the demo workspace (default: a new temporary directory)")
     p.add_argument("--profile", default="cpu", help="profile for the demo runs (default cpu)")
     p.add_argument("--time-budget", type=float, default=15, help="training seconds per run (default 15)")
+    p.add_argument("--experiments", type=int, default=1, choices=range(1, 9), metavar="1-8",
+                   help="how many ideas the scripted agent tries after the baseline (default 1)")
     p.add_argument("--cache", help="data and tokenizer cache")
     p.set_defaults(func=cmd_demo)
     return root

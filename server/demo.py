@@ -18,8 +18,10 @@ from server.cli import create_workspace
 from server.errors import WorkspaceError
 from server.report import print_results, write_plot
 
-# The demo's one idea: a learning-rate change is a small, safe edit every train.py has.
-EDIT_PATTERN = re.compile(r"^(MATRIX_LR|EMBEDDING_LR|LEARNING_RATE|LR)\s*=\s*([0-9.eE+-]+)", re.M)
+# The scripted agent's ideas, tried in order: (constant in train.py, factor). Small hyperparameter nudges are
+# edits every train.py survives; a real agent's ideas are of course its own.
+IDEAS = [("MATRIX_LR", 1.5), ("WARMDOWN_RATIO", 0.6), ("EMBEDDING_LR", 1.5), ("MATRIX_LR", 0.7),
+         ("WEIGHT_DECAY", 0.5), ("UNEMBEDDING_LR", 2.0), ("SCALAR_LR", 0.5), ("WARMDOWN_RATIO", 1.4)]
 
 
 def say(text: str) -> None:
@@ -50,6 +52,22 @@ async def run(client: Client, description: str) -> dict:
     return result
 
 
+async def try_idea(client: Client, name: str, factor: float) -> None:
+    """Edit one constant, run, keep if better than the best kept run, else discard."""
+    source = (await client.read_resource("autoresearch://train.py")).contents[0].text
+    match = re.search(rf"^{name}\s*=\s*([0-9.eE+-]+)", source, re.M)
+    if match is None:
+        say(f"  (train.py has no {name} constant; skipping that idea)")
+        return
+    new_line = f"{name} = {float(match.group(1)) * factor:.4g}"
+    edit = call_result(await client.call_tool("edit_train", {"old_text": match.group(0), "new_text": new_line}))
+    say(f"> edit_train: {match.group(0)!r} -> {new_line!r} (line {edit['line']})")
+    result = await run(client, f"{name} x{factor:g}")
+    decision = "keep" if result["delta_vs_best"] < 0 else "discard"
+    call_result(await client.call_tool(decision, {"run_id": result["run_id"]}))
+    say(f"> {decision}({result['run_id']!r})")
+
+
 async def drive(workspace: Path, args) -> None:
     command = [sys.executable, "-m", "server.cli", "serve", "--workspace", str(workspace),
                "--profile", args.profile, "--dataset", "sotu", "--time-budget", str(args.time_budget)]
@@ -69,20 +87,8 @@ async def drive(workspace: Path, args) -> None:
         call_result(await client.call_tool("keep", {"run_id": baseline["run_id"]}))
         say(f"> keep({baseline['run_id']!r})")
 
-        text = call_result(await client.call_tool("read_file", {"path": "training/train.py"}))
-        source = (workspace / "training" / "train.py").read_text()
-        match = EDIT_PATTERN.search(source)
-        if match is None:
-            raise WorkspaceError(f"the demo found no learning-rate constant to edit in train.py ({text['total_lines']} lines)")
-        old_line = match.group(0)
-        new_line = f"{match.group(1)} = {float(match.group(2)) * 1.5:g}"
-        edit = call_result(await client.call_tool("edit_train", {"old_text": old_line, "new_text": new_line}))
-        say(f"> edit_train: {old_line!r} -> {new_line!r} (line {edit['line']})")
-
-        second = await run(client, f"{match.group(1)} x1.5")
-        decision = "keep" if second["delta_vs_best"] < 0 else "discard"
-        call_result(await client.call_tool(decision, {"run_id": second["run_id"]}))
-        say(f"> {decision}({second['run_id']!r})")
+        for name, factor in IDEAS[:args.experiments]:
+            await try_idea(client, name, factor)
         results = call_result(await client.call_tool("results", {}))
         say(f"> results: {results['total']} runs, best {results['best']['val_bpb']:.6f}")
 
