@@ -44,7 +44,7 @@ def progress_png(runs: list[dict]) -> bytes:
     ax.grid(alpha=0.3)
     if runs:
         ax.set_xlim(0.5, len(runs) + 0.5)
-        ax.legend(loc="upper right")
+        ax.legend(loc="best", framealpha=0.9)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
