@@ -27,7 +27,7 @@ BLANKS = str.maketrans("\t\r\n", "   ")
 log = logging.getLogger(__name__)
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -53,7 +53,7 @@ class Ledger:
 
     def append(self, record: dict) -> None:
         """Durably add one record, then rebuild results.tsv. Returns only once the line is on disk."""
-        record = {"time": _now(), **record}
+        record = {"time": now_iso(), **record}
         line = json.dumps(record).encode() + b"\n"  # ASCII-escaped: no text can fail to encode
         self.dir.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()

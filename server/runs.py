@@ -10,7 +10,6 @@ pins and appends the final ledger record. Process bookkeeping uses /proc on Linu
 
 import collections
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -20,16 +19,15 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
 
 from server.errors import WorkspaceError
-from server.workspace import training_env
+from server.gitops import TRAIN
+from server.ledger import now_iso
+from server.workspace import PREPARE, prepare_sha256, training_env
 
-TRAIN = "training/train.py"
-PREPARE = "training/prepare.py"
 # hard timeout = 2 x budget (upstream's rule) + this much for interpreter start, compilation and the final evaluation
 TIMEOUT_ALLOWANCE_SECONDS = 120
 KILL_GRACE_SECONDS = 5.0  # after SIGTERM, how long the process group gets to exit before SIGKILL
@@ -50,17 +48,6 @@ SUMMARY_LINE = re.compile(r"^([A-Za-z_]\w*):\s+(.*?)\s*$")
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 FRAME_LINE = re.compile(r'^\s*File "([^"]+)", line (\d+)')
 FAIL_LINE = re.compile(r"^FAIL\b")
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
 
 
 def parse_number(text: str):
@@ -573,7 +560,7 @@ class RunManager:
         if not isinstance(val_bpb, (int, float)) or isinstance(val_bpb, bool) or not math.isfinite(val_bpb):
             return None, f"no valid val_bpb in the result file (got {val_bpb!r}): the model diverged or eval failed"
         problems = []
-        sha = sha256_file(self.workspace / PREPARE)
+        sha = prepare_sha256(self.workspace)
         if sha != pins.get("prepare_sha256"):
             problems.append(f"{PREPARE} changed during the run (sha256 {str(sha)[:12]}, pinned "
                             f"{str(pins.get('prepare_sha256'))[:12]}); the evaluation harness is frozen: restore it "

@@ -14,7 +14,8 @@ from pathlib import Path, PurePosixPath
 
 from server.errors import WorkspaceError
 
-IN_SCOPE = frozenset({"training/train.py", "training/prepare.py", "program.md", "README.md"})
+PREPARE = "training/prepare.py"
+IN_SCOPE = frozenset({"training/train.py", PREPARE, "program.md", "README.md"})
 ALLOWED = ", ".join(sorted(IN_SCOPE))
 # Input limits: generous for real work, small enough that no single call can flood memory, disk or git.
 MAX_TRAIN_BYTES = 1_000_000        # a whole train.py (write_train, or the result of an edit)
@@ -214,10 +215,10 @@ def describe_harness(workspace: Path, profile: str | None, dataset: str | None, 
                      budget: float | None = None) -> dict:
     """What the frozen harness will use (profile constants, dataset, readiness, val fingerprint), asked of
     prepare.py itself in a subprocess so the server never imports torch or the harness."""
-    if not (Path(workspace) / "training/prepare.py").is_file():
+    if not (Path(workspace) / PREPARE).is_file():
         raise WorkspaceError(f"{workspace} has no training/prepare.py: is it an autoresearch workspace? "
                              "Create one with `autoresearch-mcp init DIR`.")
-    cmd = [sys.executable, "training/prepare.py", "--describe"]
+    cmd = [sys.executable, PREPARE, "--describe"]
     cmd += [f"--profile={profile}"] if profile else []
     cmd += [f"--dataset={dataset}"] if dataset else []
     env = _clean_env(workspace, profile, dataset, cache, budget)
@@ -252,10 +253,17 @@ def _clean_env(workspace: Path, profile, dataset, cache, budget, **more) -> dict
     return env
 
 
+def prepare_sha256(workspace: Path) -> str | None:
+    """The frozen harness's identity: the sha256 of training/prepare.py's bytes (None when it is missing)."""
+    try:
+        return hashlib.sha256((Path(workspace) / PREPARE).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
 def harness_pins(workspace: Path, describe: dict) -> dict:
     """What must not change during a session: prepare.py's bytes, the profile's constants, the val data."""
-    prepare = (Path(workspace) / "training/prepare.py").read_bytes()
-    return {"prepare_sha256": hashlib.sha256(prepare).hexdigest(), "profile": describe["profile"],
+    return {"prepare_sha256": prepare_sha256(workspace), "profile": describe["profile"],
             "val_fingerprint": describe["val_fingerprint"]}
 
 
