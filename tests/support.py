@@ -1,5 +1,6 @@
-"""Helpers the tests share: a git query and a tool call that must succeed."""
+"""Helpers the tests share: a git query, a tool call that must succeed, and the ledger read independently."""
 
+import json
 import subprocess
 
 
@@ -13,3 +14,15 @@ async def call(client, name, **arguments) -> dict:
     result = await client.call_tool(name, arguments)
     assert not result.is_error, result.content[0].text
     return result.structured_content
+
+
+def ledger_runs(workspace) -> dict:
+    """Run records folded by id, read straight from the file rather than through the server's reader. Only the
+    last line may be unreadable (a server may be appending it right now); any other bad line fails the test."""
+    *complete, partial = (workspace / ".autoresearch" / "ledger.jsonl").read_text().split("\n")
+    runs = {}
+    for line in complete:
+        record = json.loads(line)
+        if record.get("type") == "run":
+            runs.setdefault(record["id"], {}).update(record)
+    return runs

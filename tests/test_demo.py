@@ -1,9 +1,10 @@
 """The README's main command: `autoresearch-mcp demo` drives the real server through the loop and reports."""
 
-import json
 import os
 import subprocess
 import sys
+
+from support import ledger_runs
 
 
 def test_demo_runs_the_loop_end_to_end(tmp_path, prepared_cache):
@@ -15,11 +16,7 @@ def test_demo_runs_the_loop_end_to_end(tmp_path, prepared_cache):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "session demo" in done.stdout and "best: r000" in done.stdout
-    runs = {}
-    for line in (workspace / ".autoresearch" / "ledger.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("type") == "run":
-            runs.setdefault(record["id"], {}).update(record)
+    runs = ledger_runs(workspace)
     assert len(runs) == 3 and all(r["status"] == "succeeded" and r["decision"] for r in runs.values())
     assert (workspace / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((workspace / "results.tsv").read_text().splitlines()) == 4

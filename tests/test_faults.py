@@ -22,7 +22,7 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 from server.app import create_server
 from server.cli import create_workspace
 from server.research import Settings
-from support import call, git
+from support import call, git, ledger_runs
 
 BUDGET = 2.0
 
@@ -134,18 +134,6 @@ def wait_for_file(path: Path, timeout: float = 60.0) -> str:
 
 def read_pids(path: Path) -> list[int]:
     return [int(line) for line in wait_for_file(path).split()]
-
-
-def ledger_runs(workspace) -> dict:
-    runs = {}
-    for line in (workspace / ".autoresearch" / "ledger.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("type") == "run":
-            runs.setdefault(record["id"], {}).update(record)
-    return runs
 
 
 async def refused(client, tally, name, **arguments) -> str:

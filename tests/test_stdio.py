@@ -1,24 +1,13 @@
 """The whole research loop against the real server process over stdio, checking git, ledger and results.tsv
 after every step, as an agent left alone overnight would leave them."""
 
-import json
 import os
 import sys
 
 import anyio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from support import git
-
-
-def ledger_runs(workspace) -> dict:
-    """Run records folded by id, as the server reads them."""
-    runs = {}
-    for line in (workspace / ".autoresearch" / "ledger.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("type") == "run":
-            runs.setdefault(record["id"], {}).update(record)
-    return runs
+from support import git, ledger_runs
 
 
 def tsv_rows(workspace) -> list[list[str]]:
