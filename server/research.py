@@ -423,11 +423,16 @@ class Research:
 
     # ---------------------------------------------------------------- tools: decisions
 
-    def keep(self, run_id: str) -> Decision:
+    def session_run(self, run_id: str) -> tuple[dict, dict]:
+        """The active session and one of its runs; a run of another session cannot be decided here."""
         session = self.require_session()
         run = self.require_run(run_id)
         if run.get("session") != session["tag"]:
             raise WorkspaceError(f"Run {run_id} belongs to session {run.get('session')!r}, not {session['tag']!r}.")
+        return session, run
+
+    def keep(self, run_id: str) -> Decision:
+        session, run = self.session_run(run_id)
         if run.get("status") != "succeeded":
             raise WorkspaceError(
                 f"Run {run_id} {run.get('status')}; only a succeeded run can be kept. Fix train.py and run again, "
@@ -435,19 +440,17 @@ class Research:
             )
         if run.get("decision") is not None:
             raise WorkspaceError(f"Run {run_id} was already decided ({run['decision']}).")
-        if self.git.head() != run["commit"]:
+        head = self.git.head()
+        if head != run["commit"]:
             raise WorkspaceError(
-                f"HEAD is {self.git.short(self.git.head())}, not run {run_id}'s commit {self.git.short(run['commit'])}; "
+                f"HEAD is {self.git.short(head)}, not run {run_id}'s commit {self.git.short(run['commit'])}; "
                 "only the latest run can be kept."
             )
         self.ledger.append({"type": "run", "id": run["id"], "decision": "keep"})
         return self.decision(session, run["id"], "keep")
 
     def discard(self, run_id: str) -> Decision:
-        session = self.require_session()
-        run = self.require_run(run_id)
-        if run.get("session") != session["tag"]:
-            raise WorkspaceError(f"Run {run_id} belongs to session {run.get('session')!r}, not {session['tag']!r}.")
+        session, run = self.session_run(run_id)
         if run.get("status") == "running":
             raise WorkspaceError(f"Run {run_id} is still training; cancel_run({run_id!r}) first.")
         if run.get("decision") is not None:
@@ -484,11 +487,8 @@ class Research:
                 "uncommitted train.py edits first (diff_train shows them)."
             )
         values, run_ids = [], []
-        for i in range(repeats):
-            result = await self.run_experiment(
-                f"noise floor: seed {DEFAULT_SEED + 1 + i}", None, on_progress, seed=DEFAULT_SEED + 1 + i,
-                kind="noise",
-            )
+        for seed in range(DEFAULT_SEED + 1, DEFAULT_SEED + 1 + repeats):
+            result = await self.run_experiment(f"noise floor: seed {seed}", None, on_progress, seed=seed, kind="noise")
             run_ids.append(result.run_id)
             if result.status != "succeeded":
                 raise WorkspaceError(f"Noise run {result.run_id} {result.status}: {result.error}. Fix that first.")
