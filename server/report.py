@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from server.errors import WorkspaceError
-from server.gitops import TRAIN
+from server.gitops import TRAIN, Git
 from server.ledger import Ledger, row_status
 from server.plot import progress_png
 
@@ -20,9 +20,7 @@ def pick_session(workspace: Path, ledger: Ledger, tag: str | None) -> dict:
         if not named:
             raise WorkspaceError(f"No session {tag!r}. Known: {', '.join(sorted({s['tag'] for s in sessions}))}.")
         return named[-1]
-    branch = subprocess.run(
-        ["git", "-C", str(workspace), "branch", "--show-current"], capture_output=True, text=True
-    ).stdout.strip()
+    branch = Git(workspace).branch()
     on_branch = [s for s in sessions if s["branch"] == branch]
     return (on_branch or sessions)[-1]
 
