@@ -1,14 +1,17 @@
 """Git for the research loop: commit, reset and diff training/train.py and nothing else.
 
-Everything goes through the git CLI with captured output. Text that can come from the agent never reaches git as
-an option: commit messages go through stdin, revisions are resolved with --end-of-options, paths follow `--`,
-names are validated before use. The user's other work (staged or not) is never swept into a commit or reset.
+Git goes through GitPython: its reference model for HEAD and the branch, its command layer (the git CLI with
+captured output, an argument list, never a shell) for the rest. Text that can come from the agent never reaches
+git as an option: commit messages go through stdin, revisions are resolved with --end-of-options, paths follow
+`--`, names are validated before use. The user's other work (staged or not) is never swept into a commit or reset.
 """
 
-import os
 import re
-import subprocess
+import tempfile
 from pathlib import Path
+
+import git as gitpython
+from git.refs import SymbolicReference
 
 from server.errors import WorkspaceError
 
@@ -20,6 +23,7 @@ RUN_ID_RE = re.compile(r"r[0-9]{4,}")
 FALLBACK_IDENTITY = ("autoresearch-mcp", "autoresearch@localhost")
 SERVER_STATE = (".autoresearch/", "results.tsv")  # the server's own files are never the user's dirty work
 # Variables a git hook or wrapper may have set that would point our commands at another repository or index.
+# GitPython passes the process environment on and cannot remove a variable, so each is pinned to this workspace.
 REDIRECTING_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY",
                    "GIT_NAMESPACE", "GIT_PREFIX")
 
@@ -27,20 +31,45 @@ REDIRECTING_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR
 class Git:
     def __init__(self, workspace: Path):
         self.workspace = Path(workspace)
-        self._env = {k: v for k, v in os.environ.items() if k not in REDIRECTING_ENV}
+        self._repo: gitpython.Repo | None = None
 
-    def _run(self, *args: str, stdin: str | None = None, ok=(0,)) -> subprocess.CompletedProcess:
-        """Run git in the workspace; an exit code outside `ok` becomes a WorkspaceError with git's message."""
-        proc = subprocess.run(["git", *args], cwd=self.workspace, env=self._env, input=stdin,
-                              capture_output=True, text=True, encoding="utf-8", errors="replace")
-        if proc.returncode not in ok:
-            detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-            raise WorkspaceError(f"`git {' '.join(args)}` failed in {self.workspace} "
-                                 f"(exit {proc.returncode}): {detail}")
-        return proc
+    @property
+    def repo(self) -> gitpython.Repo:
+        """The GitPython repository, opened on first use (a missing repository is a plain WorkspaceError)."""
+        if self._repo is None:
+            try:
+                repo = gitpython.Repo(self.workspace)
+            except (gitpython.InvalidGitRepositoryError, gitpython.NoSuchPathError) as e:
+                raise WorkspaceError(f"{self.workspace} is not a git repository (its root): create a workspace with "
+                                     "`autoresearch-mcp init DIR` or point --workspace at one") from e
+            common = Path(repo.common_dir)
+            repo.git.update_environment(
+                GIT_DIR=repo.git_dir, GIT_WORK_TREE=str(repo.working_tree_dir), GIT_INDEX_FILE=repo.index.path,
+                GIT_COMMON_DIR=str(common), GIT_OBJECT_DIRECTORY=str(common / "objects"),
+                GIT_NAMESPACE="", GIT_PREFIX="")
+            self._repo = repo
+        return self._repo
+
+    def _run(self, *args: str, stdin: str | None = None, ok=(0,)) -> tuple[int, str]:
+        """Run git in the workspace; (exit code, stdout). A code outside `ok` becomes a WorkspaceError with git's
+        message."""
+        options = dict(with_extended_output=True, with_exceptions=False, stdout_as_string=False,
+                       strip_newline_in_stdout=False)
+        if stdin is None:
+            code, out, err = self.repo.git.execute(["git", *args], **options)
+        else:
+            with tempfile.TemporaryFile() as source:  # stdin must be a real file for the subprocess
+                source.write(stdin.encode("utf-8"))
+                source.seek(0)
+                code, out, err = self.repo.git.execute(["git", *args], istream=source, **options)
+        out = out.decode("utf-8", errors="replace")
+        if code not in ok:
+            detail = (str(err).strip() or out.strip())[-2000:]
+            raise WorkspaceError(f"`git {' '.join(args)}` failed in {self.workspace} (exit {code}): {detail}")
+        return code, out
 
     def _git(self, *args: str, stdin: str | None = None) -> str:
-        return self._run(*args, stdin=stdin).stdout
+        return self._run(*args, stdin=stdin)[1]
 
     # ---- names and revisions
 
@@ -48,14 +77,13 @@ class Git:
         """The full sha of a commit; refuses anything that is not one (or that looks like an option)."""
         if not rev or rev.startswith("-"):
             raise WorkspaceError(f"{rev!r} is not a commit: expected a commit sha or a branch name")
-        proc = self._run("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", ok=(0, 1))
-        if proc.returncode:
+        code, out = self._run("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", ok=(0, 1))
+        if code:
             raise WorkspaceError(f"{rev!r} is not a commit in {self.workspace}")
-        return proc.stdout.strip()
+        return out.strip()
 
     def _check_branch_name(self, name: str) -> None:
-        if not name or name.startswith("-") or self._run("check-ref-format", f"refs/heads/{name}",
-                                                          ok=(0, 1)).returncode:
+        if not name or name.startswith("-") or self._run("check-ref-format", f"refs/heads/{name}", ok=(0, 1))[0]:
             raise WorkspaceError(f"{name!r} is not a valid branch name")
 
     @staticmethod
@@ -73,19 +101,19 @@ class Git:
     # ---- state
 
     def head(self) -> str:
-        proc = self._run("rev-parse", "--verify", "--quiet", "HEAD^{commit}", ok=(0, 1))
-        if proc.returncode:
+        try:  # read from the refs themselves: no process, no object database
+            return SymbolicReference.dereference_recursive(self.repo, "HEAD")
+        except ValueError:
             raise WorkspaceError(f"{self.workspace} has no commits yet: commit the workspace files first "
-                                 "(git add -A && git commit -m init)")
-        return proc.stdout.strip()
+                                 "(git add -A && git commit -m init)") from None
 
     def branch(self) -> str | None:
         """The checked-out branch, or None when HEAD is detached."""
-        proc = self._run("symbolic-ref", "--quiet", "--short", "HEAD", ok=(0, 1))
-        return proc.stdout.strip() or None
+        head = self.repo.head
+        return None if head.is_detached else head.reference.name
 
     def branch_exists(self, name: str) -> bool:
-        return not self._run("show-ref", "--verify", "--quiet", f"refs/heads/{name}", ok=(0, 1)).returncode
+        return not self._run("show-ref", "--verify", "--quiet", f"refs/heads/{name}", ok=(0, 1))[0]
 
     def _status(self) -> list[tuple[str, str]]:
         """(porcelain XY code, path) for every change git reports; ignored files are not reported."""
@@ -126,7 +154,7 @@ class Git:
 
     def train_changed(self) -> bool:
         """Whether the worktree's train.py differs from HEAD (staged or not)."""
-        return bool(self._run("diff", "--quiet", "HEAD", "--", TRAIN, ok=(0, 1)).returncode)
+        return bool(self._run("diff", "--quiet", "HEAD", "--", TRAIN, ok=(0, 1))[0])
 
     # ---- changes
 
@@ -157,7 +185,7 @@ class Git:
         return self.head()
 
     def _has_identity(self) -> bool:
-        return all(self._run("config", "--get", key, ok=(0, 1)).stdout.strip()
+        return all(self._run("config", "--get", key, ok=(0, 1))[1].strip()
                    for key in ("user.name", "user.email"))
 
     def set_ref(self, run_id: str, sha: str) -> None:
@@ -178,6 +206,11 @@ class Git:
     def diff_train(self, base_sha: str) -> str:
         """Unified diff of the worktree's train.py against base_sha ("" when identical)."""
         return self._git("diff", "--no-color", "--no-ext-diff", self.commit_sha(base_sha), "--", TRAIN)
+
+    def diff_between(self, base_sha: str, sha: str) -> str:
+        """Unified diff of train.py from one commit to another ("" when identical)."""
+        return self._git("diff", "--no-color", "--no-ext-diff", self.commit_sha(base_sha), self.commit_sha(sha),
+                         "--", TRAIN)
 
     def show_file(self, sha: str, path: str) -> str:
         return self._git("cat-file", "blob", f"{self.commit_sha(sha)}:{path}")
