@@ -1,15 +1,13 @@
-"""The frozen harness (training/prepare.py): tokenizer, on-disk format, packing, the metric, errors and the CLI."""
+"""The frozen harness (training/prepare.py) and the prepare command (training/datasets.py): tokenizer, on-disk
+format, packing, the metric, downloads, errors and the CLI."""
 
 import hashlib
-import http.server
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "training"))
 import prepare  # noqa: E402
+import datasets  # noqa: E402
 
 SMOKE = prepare.PROFILES["smoke"]
 
@@ -185,12 +184,12 @@ class Uniform(torch.nn.Module):
         return torch.zeros(*x.shape, self.vocab_size) + self.dummy
 
 
-def expected_uniform_bpb(tok, batch_size):
+def expected_uniform_bpb(tok):
     """The analytic value, counted independently: ln(V) nats for each non-special target over its bytes.
     (evaluate_bpb computes the loss in float32, hence the 1e-6 tolerance below.)"""
-    loader = prepare.make_dataloader(tok, batch_size, SMOKE.max_seq_len, "val")
+    loader = prepare.make_dataloader(tok, 1, SMOKE.max_seq_len, "val")
     n_tokens = n_bytes = 0
-    for _ in range(SMOKE.eval_tokens // (batch_size * SMOKE.max_seq_len)):
+    for _ in range(SMOKE.eval_tokens // SMOKE.max_seq_len):  # the smoke eval's rows: the val split is larger
         for t in next(loader)[1].reshape(-1).tolist():
             if t != tok.get_bos_token_id():
                 n_tokens += 1
@@ -199,7 +198,7 @@ def expected_uniform_bpb(tok, batch_size):
 
 
 def test_evaluate_bpb_of_uniform_logits_is_the_analytic_value(sotu, smoke):
-    expected, _, _ = expected_uniform_bpb(sotu, 8)
+    expected, _, _ = expected_uniform_bpb(sotu)
     model = Uniform(sotu.get_vocab_size())
     model.train()
     assert prepare.evaluate_bpb(model, sotu, 8) == pytest.approx(expected, rel=1e-6)
@@ -235,10 +234,11 @@ def test_evaluate_bpb_writes_a_consistent_result_file(sotu, smoke, tmp_path, mon
     monkeypatch.setenv("AUTORESEARCH_RESULT_FILE", str(result_file))
     bpb = prepare.evaluate_bpb(Uniform(sotu.get_vocab_size()), sotu, 8)
     result = json.loads(result_file.read_text())
-    expected, n_tokens, n_bytes = expected_uniform_bpb(sotu, 8)
+    expected, n_tokens, n_bytes = expected_uniform_bpb(sotu)
     val_bin = sotu.data_dir / "tokens_v8192" / "val.bin"
     assert result["val_bpb"] == bpb == pytest.approx(expected, rel=1e-6)
     assert result["tokens_evaluated"] == n_tokens and result["bytes_evaluated"] == n_bytes
+    assert result["rows_evaluated"] == SMOKE.eval_tokens // SMOKE.max_seq_len
     assert result["val_fingerprint"] == hashlib.sha256(val_bin.read_bytes()).hexdigest()
     assert {k: result[k] for k in ("profile", "dataset", "max_seq_len", "eval_tokens", "vocab_size")} == {
         "profile": "smoke", "dataset": "sotu", "max_seq_len": 128, "eval_tokens": 2**14, "vocab_size": 8192}
@@ -246,10 +246,52 @@ def test_evaluate_bpb_writes_a_consistent_result_file(sotu, smoke, tmp_path, mon
     assert list(result_file.parent.iterdir()) == [result_file], "no temporary file may be left behind"
 
 
+class Bigram(torch.nn.Module):
+    """A small causal model with real, input-dependent logits; records the batch shapes it is called with."""
+
+    def __init__(self, vocab_size, dim=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(vocab_size, dim), torch.nn.Linear(dim, vocab_size)
+        self.shapes = set()
+
+    def forward(self, x):
+        self.shapes.add(tuple(x.shape))
+        return self.head(self.embed(x))
+
+
+def test_the_rows_scored_do_not_depend_on_the_batch_size(sotu, smoke, tmp_path, monkeypatch, capsys):
+    results = {}
+    for batch_size in (12, 6):  # neither divides the smoke eval's 128 rows: the last batch is padded
+        monkeypatch.setenv("AUTORESEARCH_RESULT_FILE", str(tmp_path / f"b{batch_size}.json"))
+        model = Bigram(sotu.get_vocab_size())
+        bpb = prepare.evaluate_bpb(model, sotu, batch_size)
+        results[batch_size] = json.loads((tmp_path / f"b{batch_size}.json").read_text())
+        assert results[batch_size]["val_bpb"] == bpb
+        assert model.shapes == {(batch_size, SMOKE.max_seq_len)}, "every batch, the padded last one too, is full"
+    rows, tokens, nbytes = prepare.expected_eval(sotu, SMOKE.max_seq_len, SMOKE.eval_tokens)
+    assert rows == SMOKE.eval_tokens // SMOKE.max_seq_len == 128
+    for r in results.values():
+        assert (r["rows_evaluated"], r["tokens_evaluated"], r["bytes_evaluated"]) == (rows, tokens, nbytes)
+    assert results[12]["val_bpb"] == pytest.approx(results[6]["val_bpb"], rel=1e-9)
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("phase: evaluating") == 2
+    progress = [line for line in out if line.startswith("eval: ")]
+    assert progress[-1] == "eval: 128/128 rows" and len(progress) <= 2 * (prepare.EVAL_PROGRESS_LINES + 1)
+    done = [int(line.split()[1].split("/")[0]) for line in progress]
+    assert all(0 < n <= 128 for n in done)
+
+
+def test_a_val_split_shorter_than_one_row_is_refused(sotu, smoke, monkeypatch):
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 10**7)
+    with pytest.raises(prepare.PrepareError, match="shorter than one row"):
+        prepare.evaluate_bpb(Uniform(sotu.get_vocab_size()), sotu, 8)
+
+
 # --- configuration and errors ------------------------------------------------------------------------------------
 
 def test_profiles_and_the_budget_override():
-    assert prepare.PROFILES["gpu"] == prepare.Profile("gpu", 2048, 300, 40 * 2**19, 8192)
+    assert prepare.PROFILES["gpu"] == prepare.Profile("gpu", 2048, 300, 40 * 2**19, 8192, 953 * 2**19)
     assert prepare.get_profile("smoke") is SMOKE
     assert prepare.get_time_budget(SMOKE, "4.5") == 4.5 and prepare.get_time_budget(SMOKE, None) == 10
     with pytest.raises(prepare.PrepareError, match="may only shorten"):
@@ -281,10 +323,10 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path, smoke):
         prepare.Tokenizer.load("sotu", cache=tmp_path / "empty")
     assert "dataset sotu is not prepared: run `autoresearch-mcp prepare --dataset sotu --profile smoke`" in str(e.value)
     with pytest.raises(prepare.PrepareError, match="does not exist"):
-        prepare.prepare_dataset(str(tmp_path / "no-such-folder"), tmp_path / "cache")
+        datasets.prepare_dataset(str(tmp_path / "no-such-folder"), tmp_path / "cache")
     (tmp_path / "empty-folder").mkdir()
     with pytest.raises(prepare.PrepareError, match="has no non-empty .txt, .jsonl or .parquet files"):
-        prepare.prepare_dataset(str(tmp_path / "empty-folder"), tmp_path / "cache")
+        datasets.prepare_dataset(str(tmp_path / "empty-folder"), tmp_path / "cache")
 
 
 @pytest.fixture
@@ -308,56 +350,44 @@ def test_bad_tokenizer_pickle_is_reported_and_force_repairs_it(corruptible):
     (corruptible / "sotu" / "tokenizer_v8192" / "tokenizer.pkl").write_bytes(b"not a pickle")
     with pytest.raises(prepare.PrepareError, match="corrupt cache .*cannot load the tokenizer.*--force"):
         prepare.Tokenizer.load("sotu", cache=corruptible)
-    prepare.prepare_dataset("sotu", corruptible, force=True)
+    datasets.prepare_dataset("sotu", corruptible, force=True)
     assert prepare.Tokenizer.load("sotu", cache=corruptible).decode([72, 105]) == "Hi"
 
 
-def test_offline_download_fails_fast_naming_dataset_url_and_alternative(tmp_path, monkeypatch):
-    url = "http://127.0.0.1:9/climbmix"  # nothing listens on the discard port: the connection is refused
-    monkeypatch.setattr(prepare, "CLIMBMIX_URL", url)
-    t0 = time.monotonic()
-    with pytest.raises(prepare.PrepareError) as e:
-        prepare.prepare_dataset("climbmix", tmp_path, num_shards=1)
+def test_offline_download_fails_at_once_naming_the_repo_url_and_the_alternatives(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(datasets, "HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(datasets.OfflineError) as e:
+        datasets.prepare_dataset("climbmix", tmp_path, num_shards=1)
     message = str(e.value)
-    assert "'climbmix'" in message and url in message and "--dataset sotu" in message
-    assert "--dataset /path/to/folder" in message
-    assert time.monotonic() - t0 < prepare.DOWNLOAD_CONNECT_TIMEOUT + 5  # no retry loop when the host is unreachable
+    assert "'climbmix'" in message and "http://127.0.0.1:9/datasets/karpathy/climbmix-400b-shuffle" in message
+    assert "--dataset sotu" in message and "--dataset /path/to/folder" in message
+    assert "Retry" not in capfd.readouterr().err, "an unreachable host must not be retried"
     assert not list(tmp_path.rglob("*.parquet")), "nothing half-written may look like data"
 
 
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves one payload with HTTP Range support; the first request is cut off halfway."""
-    payload = bytes(range(256)) * 4096
-    requests = []
-
-    def do_GET(self):
-        start = int(self.headers.get("Range", "bytes=0-")[6:].split("-")[0])
-        type(self).requests.append(start)
-        body = self.payload[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if len(type(self).requests) == 1:
-            self.wfile.write(body[:len(body) // 2])  # then drop the connection
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+def test_the_cli_names_the_offline_alternatives_in_one_line(tmp_path):
+    proc = run_cli("--dataset", "tinystories", "--profile", "smoke", cache=tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: cannot download dataset 'tinystories': http://127.0.0.1:9/datasets/")
+    assert "--dataset sotu" in error
 
 
-def test_download_retries_resumes_with_range_and_renames_atomically(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare.time, "sleep", lambda s: None)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dest = tmp_path / "raw" / "shard_00000.parquet"
-        prepare.download(f"http://127.0.0.1:{server.server_port}/shard", dest, "climbmix")
-    finally:
-        server.shutdown()
-    assert dest.read_bytes() == RangeHandler.payload
-    assert RangeHandler.requests == [0, len(RangeHandler.payload) // 2]
-    assert [p.name for p in dest.parent.iterdir()] == ["shard_00000.parquet"]
+def test_downloaded_shards_already_in_the_cache_need_no_network(tmp_path, monkeypatch):
+    """climbmix's code path on local data: shards present in raw/ are used as they are, never fetched again."""
+    monkeypatch.setattr(datasets, "HF_ENDPOINT", "http://127.0.0.1:9")
+    raw = tmp_path / "climbmix" / "raw"
+    raw.mkdir(parents=True)
+    words = "data flows through the shards of a mixture of web text and code".split()
+    rng = np.random.default_rng(1)
+    texts = lambda n: [" ".join(rng.choice(words, int(rng.integers(50, 300)))) for _ in range(n)]
+    pq.write_table(pa.table({"text": texts(60)}), raw / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": texts(10)}), raw / f"shard_{datasets.CLIMBMIX_VAL_SHARD:05d}.parquet")
+    datasets.prepare_dataset("climbmix", tmp_path, num_shards=1)
+    tok = prepare.Tokenizer.load("climbmix", cache=tmp_path)
+    meta = json.loads((tmp_path / "climbmix" / "tokens_v8192" / "meta.json").read_text())
+    assert meta["splits"]["train"]["docs"] == 60 and meta["splits"]["val"]["docs"] == 10
+    assert tok.decode(prepare.load_split(tok, "val")[0][:5]).split()[0] in words
 
 
 # --- local folders and the CLI -----------------------------------------------------------------------------------
@@ -371,7 +401,7 @@ def test_local_folder_of_txt_jsonl_and_parquet(tmp_path, smoke):
     (folder / "a.txt").write_text(story(0))
     (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": story(i)}) for i in range(1, 40)) + "\n")
     pq.write_table(pa.table({"text": [story(i) for i in range(40, 43)]}), folder / "c.parquet")
-    data_dir = prepare.prepare_dataset(str(folder), tmp_path / "cache")
+    data_dir = datasets.prepare_dataset(str(folder), tmp_path / "cache")
     assert data_dir.name.startswith("local-my-data-") and len(data_dir.name) == len("local-my-data-") + 8
     tok = prepare.Tokenizer.load(str(folder), cache=tmp_path / "cache")
     meta = json.loads((data_dir / "tokens_v8192" / "meta.json").read_text())
@@ -383,10 +413,10 @@ def test_local_folder_of_txt_jsonl_and_parquet(tmp_path, smoke):
 
 
 def test_parquet_row_ranges_split_like_the_tinystories_card(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PARQUET_BATCH_ROWS", 7)  # ranges straddle batch boundaries
+    monkeypatch.setattr(datasets, "PARQUET_BATCH_ROWS", 7)  # ranges straddle batch boundaries
     path = tmp_path / "stories.parquet"
     pq.write_table(pa.table({"text": [f"story {i}" for i in range(50)]}), path)
-    rows = lambda *bounds: [t for batch in prepare.parquet_texts(path, *bounds) for t in batch]
+    rows = lambda *bounds: [t for batch in datasets.parquet_texts(path, *bounds) for t in batch]
     assert rows(10, 20) == [f"story {i}" for i in range(10, 20)]
     assert rows(20) == [f"story {i}" for i in range(20, 50)]
 
@@ -397,9 +427,44 @@ def test_describe_reports_settings_readiness_and_the_val_fingerprint(prepared_ca
     info = json.loads(proc.stdout)
     meta = json.loads((prepared_cache / "sotu" / "tokens_v8192" / "meta.json").read_text())
     assert info["profile"] == {"name": "smoke", "max_seq_len": 128, "time_budget": 10, "eval_tokens": 2**14,
-                               "vocab_size": 8192}
+                               "vocab_size": 8192, "tokens_per_budget": SMOKE.tokens_per_budget}
     assert info["ready"] is True and Path(info["ready_marker"]).exists()
     assert info["val_fingerprint"] == meta["val_fingerprint"]
     assert info["dataset"] == "sotu" and info["device"] in ("cuda", "mps", "cpu")
     empty = json.loads(run_cli("--describe", "--dataset", "sotu", cache=tmp_path).stdout)
     assert empty["ready"] is False and empty["val_fingerprint"] is None and not Path(empty["ready_marker"]).exists()
+
+
+def test_settings_come_from_flags_then_environment_then_defaults(tmp_path):
+    env = {"AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_SEED": "7",
+           "AUTORESEARCH_DATASET": "tinystories", "AUTORESEARCH_TIME_BUDGET": "5"}
+    s = prepare.resolve_settings(env)
+    assert (s.profile.name, s.seed, s.cache_dir, s.dataset, s.time_budget) == ("cpu", 7, tmp_path, "tinystories", 5)
+    s = prepare.resolve_settings(env, profile="smoke", dataset="sotu")
+    assert (s.profile, s.dataset_source, s.dataset) == (SMOKE, "sotu", "sotu")
+    s = prepare.resolve_settings({"AUTORESEARCH_PROFILE": "gpu", "AUTORESEARCH_CACHE": str(tmp_path)})
+    assert s.dataset == "sotu" and s.seed == 42 and s.time_budget == 300  # climbmix only once it is prepared
+    with pytest.raises(prepare.PrepareError, match="AUTORESEARCH_SEED='x' is not an integer"):
+        prepare.resolve_settings({"AUTORESEARCH_SEED": "x"})
+
+
+def test_describe_announces_what_the_evaluation_will_score_and_the_epochs(prepared_cache, sotu):
+    info = json.loads(run_cli("--describe", "--dataset", "sotu", "--profile", "smoke", cache=prepared_cache).stdout)
+    rows, tokens, nbytes = prepare.expected_eval(sotu, SMOKE.max_seq_len, SMOKE.eval_tokens)
+    assert (info["eval_rows"], info["eval_tokens_scored"], info["eval_bytes_scored"]) == (rows, tokens, nbytes)
+    train_tokens = len(prepare.load_split(sotu, "train")[0])
+    assert info["train_tokens"] == train_tokens
+    assert info["epochs_per_budget"] == round(SMOKE.tokens_per_budget / train_tokens, 2)
+    gpu = json.loads(run_cli("--describe", "--dataset", "sotu", "--profile", "gpu", cache=prepared_cache).stdout)
+    assert gpu["epochs_per_budget"] > 100  # 953 steps of 2^19 tokens over sotu's ~2M
+    assert gpu["eval_rows"] == len(prepare.load_split(sotu, "val")[0]) // 2048  # the whole val split, once
+
+
+def test_prepare_warns_when_a_budget_would_read_the_training_split_many_times(prepared_cache):
+    proc = run_cli("--dataset", "sotu", "--profile", "gpu", cache=prepared_cache)
+    assert proc.returncode == 0, proc.stderr
+    warning = proc.stderr.strip().splitlines()[-1]
+    assert warning.startswith("warning: one gpu budget reads ~") and "epochs of sotu's 2.0M training tokens" in warning
+    assert "memorisation" in warning and "climbmix" in warning
+    cpu = run_cli("--dataset", "sotu", "--profile", "cpu", cache=prepared_cache).stderr.strip().splitlines()[-1]
+    assert cpu.startswith("one cpu budget reads ~1.") and "warning" not in cpu

