@@ -32,7 +32,8 @@ def measure() -> dict:
     sys.path.insert(0, str(TRAINING_DIR))
     import torch
     import train
-    from prepare import EVAL_TOKENS, MAX_SEQ_LEN, PROFILE, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+    from prepare import (EVAL_TOKENS, MAX_SEQ_LEN, PROFILE, TIME_BUDGET, Tokenizer, evaluate_bpb, expected_eval,
+                         make_dataloader)
 
     torch.manual_seed(0)
     tokenizer = Tokenizer.load()
@@ -53,8 +54,10 @@ def measure() -> dict:
     with train.autocast_ctx:
         bpb = evaluate_bpb(train_model, tokenizer, train.DEVICE_BATCH_SIZE)
     seconds = time.perf_counter() - t0
+    rows, scored, _ = expected_eval(tokenizer, MAX_SEQ_LEN, EVAL_TOKENS)  # the same for every batch size
     return {"profile": PROFILE.name, "eval_seconds": seconds, "budget": PROFILE.time_budget,
-            "eval_tokens": EVAL_TOKENS, "compiled": train.COMPILE, "warm_step_seconds": warm, "val_bpb": bpb,
+            "eval_tokens": EVAL_TOKENS, "eval_rows": rows, "eval_tokens_scored": scored, "compiled": train.COMPILE,
+            "warm_step_seconds": warm, "val_bpb": bpb,
             "dtype": str(train.compute_dtype).removeprefix("torch."), "budget_in_force": TIME_BUDGET}
 
 
@@ -82,7 +85,8 @@ def run(opts, shared: dict) -> list[Row]:
         r = child("bench.eval_share", env={**env, "AUTORESEARCH_PROFILE": profile})
         share = r["eval_seconds"] / r["budget"]
         budgets[profile] = r["budget"]
-        rows.append(Row("eval share", f"{profile}: evaluate_bpb, {r['eval_tokens']:,} tokens "
+        rows.append(Row("eval share", f"{profile}: evaluate_bpb, {r['eval_rows']:,} rows, "
+                                      f"{r['eval_tokens_scored']:,} tokens scored "
                                       f"({'compiled' if r['compiled'] else 'eager'}, {r['dtype']})",
                         f"{r['eval_seconds']:.1f} s", f"{profile} training budget", f"{r['budget']} s",
                         f"{100 * share:.1f}% of budget (target <= {100 * TARGET_SHARE:.0f}%)"))
