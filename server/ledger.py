@@ -16,12 +16,10 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-STATE_DIR = ".autoresearch"        # git-ignored run state inside the workspace
-LEDGER_NAME = "ledger.jsonl"
-RESULTS_NAME = "results.tsv"
-TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+from server.layout import LEDGER_NAME, RESULTS_NAME, STATE_DIR, TSV_HEADER  # noqa: F401 (names kept here too)
+
 # results.tsv speaks upstream's vocabulary: keep | discard | crash, plus the two states a live loop has
-TSV_STATUS = {"running": "running", "succeeded": "pending"}  # any other undecided status is a crash
+TSV_STATUS = {"starting": "running", "running": "running", "succeeded": "pending"}  # any other undecided status is a crash
 BLANKS = str.maketrans("\t\r\n", "   ")
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ import pytest
 
 from server import runs
 from server.errors import WorkspaceError
+from server.executor import lock_path
 from server.gitops import Git
 from server.ledger import Ledger
 from server.runs import RunManager
@@ -35,6 +36,8 @@ PROFILE = {"name": "smoke", "max_seq_len": 128, "time_budget": 5, "eval_tokens":
 # file the way evaluate_bpb writes it (atomically, to $AUTORESEARCH_RESULT_FILE).
 FAKE_HARNESS = f"""
 import json, os, subprocess, sys, time
+import prepare  # the harness folder is on the import path of a run, wherever its train.py copy lives
+os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(prepare.__file__))))  # the tests' files: the workspace
 
 def result(val_bpb=0.987654, **changes):
     data = {{"val_bpb": val_bpb, "profile": "smoke", "dataset": "sotu", "max_seq_len": 128,
@@ -160,7 +163,8 @@ def dead(pid):
 
 
 def lock_is_free(cache, device="cpu"):
-    fd = os.open(cache / "locks" / f"{device}.lock", os.O_RDWR)
+    """The device lock is machine-wide (the tests' own folder, AUTORESEARCH_LOCK_DIR): the cache plays no part."""
+    fd = os.open(lock_path(device), os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -198,13 +202,16 @@ def test_a_successful_run_takes_val_bpb_from_the_result_file_and_metrics_from_th
     ledger = Ledger(workspace)
     assert ledger.run("r0001")["status"] == "succeeded"
     assert ledger.run("r0001")["val_bpb"] == 0.987654
-    assert [r["status"] for r in ledger.records() if r.get("id") == "r0001"] == ["running", "succeeded"]
+    # "starting" is on disk before any process exists; "running" names the process; then the end
+    assert [r["status"] for r in ledger.records() if r.get("id") == "r0001"] == ["starting", "running", "succeeded"]
     start_record = ledger.records()[0]
-    assert start_record["commit"] == git(workspace, "rev-parse", "HEAD")
-    assert start_record["pid"] == start_record["pgid"] and start_record["session"] == "t"
+    assert start_record["commit"] == git(workspace, "rev-parse", "HEAD") and start_record["pid"] is None
+    running = ledger.records()[1]
+    assert running["pid"] == running["pgid"] and start_record["session"] == "t"
     assert mgr.current() is None
     assert lock_is_free(cache)
     assert mgr.progress("r0001")["step"] == 2
+    assert mgr.progress("r0001")["phase"] == "done" and mgr.progress("r0001")["percent"] == 100.0
 
 
 def test_progress_is_parsed_live_and_reported_while_waiting(workspace, cache, monkeypatch):
@@ -247,8 +254,10 @@ def test_log_reader_parses_new_bytes_only_even_when_lines_arrive_in_pieces(tmp_p
             f.flush()
             reader.read()
             if chunk.startswith(b"0.0%"):
-                assert reader.progress == {"step": 1, "percent": 10.0, "loss": 3.5, "seconds_left": 12.0}
-    assert reader.progress == {"step": 2, "percent": 20.0, "loss": 3.25, "seconds_left": 11.0}
+                assert reader.progress == {"phase": "training", "step": 1, "percent": 10.0, "loss": 3.5,
+                                           "seconds_left": 12.0, "eval_percent": None}
+    assert reader.progress == {"phase": "training", "step": 2, "percent": 20.0, "loss": 3.25, "seconds_left": 11.0,
+                               "eval_percent": None}
     assert reader.summary == {"val_bpb": 0.5, "num_steps": 2, "mfu_percent": 1.5}
     assert reader.offset == log.stat().st_size
 
@@ -349,8 +358,94 @@ def test_the_hard_timeout_kills_the_run(workspace, cache):
     assert dead(handle.pid) and lock_is_free(cache)
 
 
-def test_the_default_timeout_is_twice_the_budget_plus_an_allowance(workspace, cache):
-    assert manager(workspace, cache).timeout_seconds == 2 * 5 + runs.TIMEOUT_ALLOWANCE_SECONDS
+def test_there_is_no_single_hard_timeout_by_default_but_a_watchdog_per_phase(workspace, cache):
+    assert manager(workspace, cache).timeout_seconds is None
+
+
+@pytest.mark.parametrize("source, phase, cause", [
+    ("print('phase: compiling', flush=True)\nwhile True:\n    time.sleep(1)\n", "startup", "reaches its training"),
+    ("progress(1)\nwhile True:\n    time.sleep(1)\n", "training", "stops at TIME_BUDGET"),
+    ("progress(1)\nprint('phase: exporting', flush=True)\nwhile True:\n    time.sleep(1)\n", "exporting",
+     "between its last step"),
+    ("print('phase: evaluating', flush=True)\nwhile True:\n    time.sleep(1)\n", "evaluating", "evaluate_bpb"),
+])
+def test_a_hung_phase_is_killed_by_its_own_watchdog_with_a_message_naming_it(workspace, cache, monkeypatch, source,
+                                                                             phase, cause):
+    for name in ("STARTUP_SECONDS", "HANDOVER_SECONDS", "EVAL_FIRST_SECONDS", "TRAINING_SLACK_SECONDS"):
+        monkeypatch.setattr(runs, name, 0.5)
+    monkeypatch.setattr(runs, "TRAINING_FACTOR", 0.0)
+    if phase != "startup":
+        monkeypatch.setattr(runs, "STARTUP_SECONDS", 60.0)
+    record = run(manager(workspace, cache), source)
+    assert record["status"] == "timed_out" and record["val_bpb"] is None
+    assert f"the {phase} phase ran past its" in record["error"]
+    assert "busy machine" in record["error"] and runs.WATCHDOG_FACTOR_ENV in record["error"]
+    assert cause in record["error"] and lock_is_free(cache)
+
+
+def test_the_watchdog_factor_gives_every_phase_more_time(workspace, cache, monkeypatch):
+    monkeypatch.setattr(runs, "STARTUP_SECONDS", 0.5)
+    monkeypatch.setenv(runs.WATCHDOG_FACTOR_ENV, "100")
+    source = "print('phase: compiling', flush=True)\ntime.sleep(1.5)\nresult()\nsummary(0.9)\n"
+    assert run(manager(workspace, cache), source)["status"] == "succeeded"  # slow, not hung
+
+
+def test_the_evaluation_limit_comes_from_its_measured_speed(workspace, cache, monkeypatch):
+    """A slow evaluation that keeps moving is left alone; one that stops moving is stopped."""
+    monkeypatch.setattr(runs, "EVAL_FIRST_SECONDS", 0.5)
+    monkeypatch.setattr(runs, "EVAL_SLACK_SECONDS", 0.5)
+    slow = """
+    print('phase: evaluating', flush=True)
+    for done in range(1, 11):
+        time.sleep(0.3)
+        print(f'eval: {done}/10 rows', flush=True)
+    result()
+    summary(0.9)
+    """
+    mgr = manager(workspace, cache)
+    assert run(mgr, slow)["status"] == "succeeded"  # 3 s of evaluation, far past the first line's 0.5 s
+    stalls = """
+    print('phase: evaluating', flush=True)
+    print('eval: 1/10 rows', flush=True)
+    time.sleep(1000)
+    """
+    record = run(mgr, stalls, run_id="r0002")
+    assert record["status"] == "timed_out" and "the evaluating phase" in record["error"]
+
+
+def test_phases_follow_the_log_protocol(tmp_path):
+    log = tmp_path / "log.txt"
+    reader = runs.LogReader(log)
+    seen = []
+    lines = ["hello", "phase: compiling", "phase: warm-up", "step 00000 (0.0%) | loss: 9.0 | remaining: 10s",
+             "phase: training", "step 00005 (50.0%) | loss: 5.0 | remaining: 5s", "phase: exporting",
+             "phase: evaluating", "eval: 3/12 rows", "eval: 12/12 rows", "phase: nonsense"]
+    with open(log, "w") as f:
+        for line in lines:
+            f.write(line + "\n")
+            f.flush()
+            reader.read()
+            seen.append((reader.progress["phase"], reader.progress["eval_percent"]))
+    assert seen == [("starting", None), ("compiling", None), ("warm-up", None), ("warm-up", None),
+                    ("training", None), ("training", None), ("exporting", None), ("evaluating", 0.0),
+                    ("evaluating", 25.0), ("evaluating", 100.0), ("evaluating", 100.0)]
+    assert reader.progress["step"] == 5 and reader.progress["loss"] == 5.0
+
+
+def test_an_older_train_py_without_phase_lines_gets_inferred_phases(tmp_path):
+    log = tmp_path / "log.txt"
+    reader = runs.LogReader(log)
+    log.write_text("loading\n")
+    reader.read()
+    assert reader.progress["phase"] == "starting"
+    with open(log, "a") as f:
+        f.write("step 00001 (50.0%) | loss: 3.0 | remaining: 5s\n")
+    reader.read()
+    assert reader.progress["phase"] == "training"
+    with open(log, "a") as f:
+        f.write("step 00002 (100.3%) | loss: 2.9 | remaining: 0s\n")
+    reader.read()
+    assert reader.progress["phase"] == "evaluating" and reader.progress["eval_percent"] is None
 
 
 def test_a_run_that_ignores_sigterm_is_killed(workspace, cache, monkeypatch):
@@ -435,7 +530,7 @@ def test_a_cancelled_wait_leaves_the_run_running(workspace, cache):
         return scope.cancelled_caught
 
     assert anyio.run(give_up)
-    assert mgr.current() is handle and runs.is_alive(handle.pid, handle.ticks)
+    assert mgr.current() is handle and runs.is_alive(handle.pid, handle.started)
     assert mgr.cancel("r0001")["status"] == "cancelled"
 
 
@@ -459,20 +554,26 @@ def test_one_run_at_a_time_per_manager(workspace, cache):
     assert run(mgr, SUCCEED, run_id="r0002")["status"] == "succeeded"
 
 
-def test_a_run_needs_its_commit_checked_out(workspace, cache):
+def test_a_run_trains_the_train_py_of_its_commit_not_the_working_tree(workspace, cache):
     mgr = manager(workspace, cache)
-    commit = commit_train(workspace, SUCCEED)
-    (workspace / "training" / "train.py").write_text("print('uncommitted edit')\n")
-    with pytest.raises(WorkspaceError, match="not commit"):
-        mgr.start("r0001", commit, "d", seed=1, pins=pins(workspace))
-    assert Ledger(workspace).run("r0001") is None
-    assert run(mgr, SUCCEED)["status"] == "succeeded"
+    commit = commit_train(workspace, "wait_for('go')\nresult(val_bpb=0.5)\nsummary(0.5)\n")
+    (workspace / "training" / "train.py").write_text("print('uncommitted edit')\n")  # before the start
+    mgr.start("r0001", commit, "d", seed=1, pins=pins(workspace))
+    (workspace / "training" / "train.py").write_text("result(val_bpb=0.1)\n")  # and during the run
+    (workspace / "go").touch()
+    record = anyio.run(mgr.wait, "r0001", None, None)
+    assert record["status"] == "succeeded" and record["val_bpb"] == 0.5
+    copy = mgr.run_dir("r0001") / "train.py"
+    committed = subprocess.run(["git", "-C", str(workspace), "show", f"{commit}:training/train.py"],
+                               capture_output=True, text=True, check=True).stdout
+    assert copy.read_text() == committed
 
 
 def test_two_managers_contend_for_one_device(tmp_path, workspace, cache):
     other = tmp_path / "other"
     subprocess.run(["git", "clone", "-q", str(workspace), str(other)], check=True)
-    first, second = manager(workspace, cache), manager(other, cache)
+    # different data caches: the device lock is machine-wide all the same
+    first, second = manager(workspace, cache), manager(other, tmp_path / "another-cache")
     start(first, WAITS_FOR_CANCEL)
     with pytest.raises(WorkspaceError) as busy:
         start(second, SUCCEED)
@@ -488,6 +589,7 @@ HOLDER = """
 import fcntl, json, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
 os.write(fd, json.dumps({"pid": os.getpid(), "workspace": "/elsewhere", "run_id": "r0042"}).encode())
 print("locked", flush=True)
 time.sleep(1000)
@@ -495,8 +597,8 @@ time.sleep(1000)
 
 
 def test_a_lock_held_by_another_process_is_refused_then_reclaimed_when_it_dies(workspace, cache):
-    lock = cache / "locks" / "cpu.lock"
-    lock.parent.mkdir(parents=True)
+    lock = lock_path("cpu")
+    lock.parent.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -529,26 +631,53 @@ time.sleep(1000)
 """ % (PROFILE, FINGERPRINT)
 
 
-def test_recover_kills_the_orphan_of_a_killed_server_and_records_it_interrupted(workspace, cache):
+def test_a_killed_server_takes_its_run_down_and_the_next_one_records_it_interrupted(workspace, cache):
     commit = commit_train(workspace, WAITS_FOR_CANCEL)
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(workspace), str(cache), commit, pins(workspace)["prepare_sha256"]],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
-    train_pid = int(server.stdout.readline())
-    child = read_pid(workspace / "child.pid")
-    server.kill()  # SIGKILL: no cleanup of any kind
+    launcher = int(server.stdout.readline())
+    child = read_pid(workspace / "child.pid")  # escaped into its own session
+    server.kill()  # SIGKILL: no cleanup of any kind in the server
     server.wait()
-    assert runs.is_alive(train_pid, None) and not lock_is_free(cache)  # the orphan still trains and holds the GPU
+    # the launcher sees its server gone and takes the whole run down: no orphan keeps the device
+    wait_until(lambda: dead(launcher) and dead(child) and lock_is_free(cache), timeout=30)
+    assert Ledger(workspace).run("r0001")["status"] == "running"  # until a server settles it
 
     mgr = manager(workspace, cache)
-    with pytest.raises(WorkspaceError, match="busy"):
-        start(mgr, SUCCEED, run_id="r0002")
     assert mgr.recover() == ["r0001"]
     record = Ledger(workspace).run("r0001")
-    assert record["status"] == "interrupted" and "killed its leftover processes" in record["error"]
-    assert dead(train_pid) and dead(child) and lock_is_free(cache)
+    assert record["status"] == "interrupted" and "already exited" in record["error"]
+    assert "while this run was training" in record["error"]
     assert mgr.recover() == []  # settled once
     assert run(mgr, SUCCEED, run_id="r0002")["status"] == "succeeded"
+
+
+def test_recover_kills_what_a_dead_server_left_when_its_launcher_died_too(workspace, cache):
+    """The launcher killed with its server (kill -9 of both): recovery still finds the run by its environment."""
+    commit = commit_train(workspace, WAITS_FOR_CANCEL)
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(workspace), str(cache), commit, pins(workspace)["prepare_sha256"]],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    launcher = int(server.stdout.readline())
+    child = read_pid(workspace / "child.pid")
+    os.kill(launcher, signal.SIGKILL)
+    server.kill()
+    server.wait()
+    wait_until(lambda: dead(launcher))
+    assert not dead(child)  # the escaped grandchild outlived both
+    assert manager(workspace, cache).recover() == ["r0001"]
+    assert "killed its leftover processes" in Ledger(workspace).run("r0001")["error"]
+    assert dead(child)
+
+
+def test_recover_settles_a_run_that_was_still_starting(workspace, cache):
+    """A kill -9 between the fsynced "starting" record and the spawn: the next server records it interrupted."""
+    Ledger(workspace).append({"type": "run", "id": "r0001", "status": "starting", "pid": None, "commit": "c" * 40,
+                              "server_pid": 2**22 + 2, "server_create_time": 1.0})
+    assert manager(workspace, cache).recover() == ["r0001"]
+    record = Ledger(workspace).run("r0001")
+    assert record["status"] == "interrupted" and "while this run was starting" in record["error"]
 
 
 def test_recover_records_a_run_whose_processes_are_already_gone(workspace, cache):
@@ -563,5 +692,5 @@ def test_recover_leaves_a_run_of_a_live_server_alone(workspace, cache):
     owner = manager(workspace, cache)
     handle = start(owner, WAITS_FOR_CANCEL)
     assert manager(workspace, cache).recover() == []
-    assert runs.is_alive(handle.pid, handle.ticks)
+    assert runs.is_alive(handle.pid, handle.started)
     owner.cancel("r0001")
