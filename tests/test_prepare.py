@@ -292,17 +292,17 @@ def test_a_val_split_shorter_than_one_row_is_refused(sotu, smoke, monkeypatch):
 
 def test_profiles_and_the_budget_override():
     assert prepare.PROFILES["gpu"] == prepare.Profile("gpu", 2048, 300, 40 * 2**19, 8192, 953 * 2**19)
-    assert prepare.get_profile("smoke") is SMOKE
-    assert prepare.get_time_budget(SMOKE, "4.5") == 4.5 and prepare.get_time_budget(SMOKE, None) == 10
+    budget = lambda value: prepare.resolve_settings({"AUTORESEARCH_TIME_BUDGET": value}, profile="smoke").time_budget
+    assert budget("4.5") == 4.5 and budget("") == 10 and budget("3") == 3
     with pytest.raises(prepare.PrepareError, match="may only shorten"):
-        prepare.get_time_budget(SMOKE, "600")
+        budget("600")
     with pytest.raises(prepare.PrepareError, match="not a positive number"):
-        prepare.get_time_budget(SMOKE, "soon")
+        budget("soon")
 
 
 def test_unknown_profile_names_the_valid_choices(tmp_path):
     with pytest.raises(prepare.PrepareError, match="unknown profile 'huge': choose one of gpu, small, cpu, smoke"):
-        prepare.get_profile("huge")
+        prepare.resolve_settings({}, profile="huge")
     proc = run_cli("--describe", "--profile", "huge", cache=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "unknown profile 'huge'" in proc.stderr and "gpu, small, cpu, smoke" in proc.stderr

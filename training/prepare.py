@@ -55,20 +55,21 @@ PROFILES = {
     "gpu": Profile("gpu", max_seq_len=2048, time_budget=300, eval_tokens=40 * 2**19, vocab_size=8192,
                    tokens_per_budget=953 * 2**19),
     # Consumer GPUs and Apple MPS, roughly 1/10 to 1/30 of an H100 in realised bf16 throughput. Scoring 2^21 tokens
-    # with a ~25M-param model is ~1.3e14 FLOPs: ~25 s at 5 TFLOP/s, under 10% of the budget. Scaling the spread
-    # measured for cpu (below), its two halves should differ by ~0.004 bpb (1 sigma), inside the 0.01 target.
-    # Throughput estimate: 5 TFLOP/s over train.py's small model (~1.1e8 training FLOPs per token) is ~45k tokens/s.
+    # with the ~26M-param small model is ~7e13 forward FLOPs: ~14 s at 5 TFLOP/s, under 10% of the budget. Scaling
+    # the spread measured for cpu (below), its two halves should differ by ~0.004 bpb (1 sigma), inside the 0.01.
+    # Throughput estimate: 5 TFLOP/s over the small model's 1.0e8 training FLOPs per token (train.py's
+    # estimate_flops) is ~50k tokens/s.
     "small": Profile("small", max_seq_len=1024, time_budget=300, eval_tokens=2**21, vocab_size=8192,
-                     tokens_per_budget=45_000 * 300),
+                     tokens_per_budget=50_000 * 300),
     # Plain CPUs. Measured on a 2-core box with train.py's cpu model (4 layers, width 256, vocab 8192, bf16,
     # compiled): scoring 2^19 tokens takes ~25 s, 8% of the budget. After a full 300 s run (val_bpb 1.600), the
     # two halves of these rows scored 1.598 / 1.602 (first/second) and 1.601 / 1.599 (even/odd): the eval's own
-    # sampling error is ~0.003, well inside the 0.01 that experiments need to resolve. The same run took
-    # 338 steps x 2^13 tokens.
+    # sampling error is ~0.003, well inside the 0.01 that experiments need to resolve. Throughput: a measured
+    # 300 s run took 338 steps of 2^13 tokens.
     "cpu": Profile("cpu", max_seq_len=256, time_budget=300, eval_tokens=2**19, vocab_size=8192,
                    tokens_per_budget=338 * 2**13),
     # Tests, CI and demos: seconds, same tokenizer as cpu. Throughput estimate: cpu's measured 9.2k tokens/s
-    # scaled by the smoke model's ~8x fewer FLOPs per token, discounted for per-step overhead: ~30k tokens/s.
+    # scaled by the smoke model's ~9x fewer FLOPs per token, discounted for per-step overhead: ~30k tokens/s.
     "smoke": Profile("smoke", max_seq_len=128, time_budget=10, eval_tokens=2**14, vocab_size=8192,
                      tokens_per_budget=30_000 * 10),
 }
@@ -77,35 +78,6 @@ DATASETS = ("sotu", "climbmix", "tinystories")  # or a path to a local folder
 
 class PrepareError(Exception):
     """A problem the user fixes; the message says what was wrong and what to do."""
-
-def get_profile(name=None):
-    name = name or {"cuda": "gpu", "mps": "small", "cpu": "cpu"}[detect_device()]
-    if name not in PROFILES:
-        raise PrepareError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
-    return PROFILES[name]
-
-def get_time_budget(profile, value=None):
-    """AUTORESEARCH_TIME_BUDGET may only shorten a profile's budget (tests, smoke runs), never lengthen it."""
-    if value in (None, ""):
-        return profile.time_budget
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise PrepareError(f"AUTORESEARCH_TIME_BUDGET={value!r} is not a positive number of seconds")
-    if seconds > profile.time_budget:
-        raise PrepareError(f"AUTORESEARCH_TIME_BUDGET={value} is longer than the {profile.name} profile's "
-                           f"{profile.time_budget} s: it may only shorten the budget; pick another profile for more")
-    return int(seconds) if seconds.is_integer() else seconds
-
-def get_seed(value=None):
-    if value in (None, ""):
-        return 42
-    try:
-        return int(value)
-    except ValueError:
-        raise PrepareError(f"AUTORESEARCH_SEED={value!r} is not an integer") from None
 
 def get_cache_dir(value=None):
     return Path(value or "~/.cache/autoresearch").expanduser().absolute()
@@ -151,12 +123,31 @@ class Settings:
 
 def resolve_settings(env, profile=None, dataset=None):
     """The settings of a run or of the prepare command: flags (profile, dataset) override the AUTORESEARCH_*
-    variables of env, which override the defaults. Raises PrepareError naming the bad value."""
-    prof = get_profile(profile or env.get("AUTORESEARCH_PROFILE"))
+    variables of env, which override the defaults. Raises PrepareError naming the bad value and what to do."""
+    name = profile or env.get("AUTORESEARCH_PROFILE") or {"cuda": "gpu", "mps": "small"}.get(detect_device(), "cpu")
+    if name not in PROFILES:
+        raise PrepareError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
+    prof = PROFILES[name]
+    # AUTORESEARCH_TIME_BUDGET may only shorten a profile's budget (tests, smoke runs), never lengthen it
+    budget = env.get("AUTORESEARCH_TIME_BUDGET") or prof.time_budget
+    try:
+        seconds = float(budget)
+    except ValueError:
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise PrepareError(f"AUTORESEARCH_TIME_BUDGET={budget!r} is not a positive number of seconds")
+    if seconds > prof.time_budget:
+        raise PrepareError(f"AUTORESEARCH_TIME_BUDGET={budget} is longer than the {name} profile's "
+                           f"{prof.time_budget} s: it may only shorten the budget; pick another profile for more")
+    seed = env.get("AUTORESEARCH_SEED") or "42"
+    try:
+        seed = int(seed)
+    except ValueError:
+        raise PrepareError(f"AUTORESEARCH_SEED={seed!r} is not an integer") from None
     cache_dir = get_cache_dir(env.get("AUTORESEARCH_CACHE"))
     source = dataset or env.get("AUTORESEARCH_DATASET") or default_dataset(prof, cache_dir)
-    return Settings(prof, get_time_budget(prof, env.get("AUTORESEARCH_TIME_BUDGET")),
-                    get_seed(env.get("AUTORESEARCH_SEED")), cache_dir, source, dataset_name(source))
+    return Settings(prof, int(seconds) if seconds.is_integer() else seconds, seed, cache_dir, source,
+                    dataset_name(source))
 
 # What train.py sees. A bad environment stops the import with one line, no traceback.
 try:
@@ -250,10 +241,6 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
-
-def get_token_bytes(device="cpu"):
-    """UTF-8 byte length of every token of the active tokenizer, 0 for special tokens, as an int32 tensor."""
-    return torch.from_numpy(Tokenizer.load().token_bytes).to(device)
 
 def load_split(tokenizer, split):
     """(tokens memmap uint16, document offsets int64) of a prepared split, checked against meta.json."""
