@@ -468,3 +468,10 @@ def test_prepare_warns_when_a_budget_would_read_the_training_split_many_times(pr
     assert "memorisation" in warning and "climbmix" in warning
     cpu = run_cli("--dataset", "sotu", "--profile", "cpu", cache=prepared_cache).stderr.strip().splitlines()[-1]
     assert cpu.startswith("one cpu budget reads ~1.") and "warning" not in cpu
+
+
+def test_the_gpu_profile_falls_back_to_sotu_when_climbmix_cannot_download(prepared_cache):
+    proc = run_cli("--profile", "gpu", cache=prepared_cache, HF_ENDPOINT="http://127.0.0.1:9")
+    assert proc.returncode == 0, proc.stderr
+    assert "climbmix is the gpu profile's default when it downloads; preparing sotu" in proc.stderr
+    assert "sotu: already prepared" in proc.stderr and "Traceback" not in proc.stderr

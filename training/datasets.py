@@ -420,7 +420,8 @@ def main(argv=None):
             except OfflineError as e:
                 if source == sources[-1]:
                     raise
-                _log(f"{e}\n{source} (the gpu profile's default) cannot be downloaded: preparing {sources[-1]}")
+                reason = str(e).split(". Offline alternatives")[0]
+                _log(f"{reason}: {source} is the gpu profile's default when it downloads; preparing {sources[-1]}")
         meta = _read_meta(tokens_dir(settings.cache_dir / dataset_name(source), profile.vocab_size))
         _log(epochs_note(profile, source, meta["splits"]["train"]["tokens"]))
     except PrepareError as e:
