@@ -1,17 +1,32 @@
-"""`autoresearch-mcp`: serve the tools, create a workspace, prepare data, and read results in the morning."""
+"""`autoresearch-mcp`: serve the tools, create a workspace, prepare data, connect a client, watch the dashboard,
+and read results in the morning.
+
+A failure prints what is wrong and what to type, in a line or two, and exits non-zero; the traceback only with
+--debug or AUTORESEARCH_DEBUG=1.
+"""
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 from server.errors import WorkspaceError
 
-TEMPLATE_FILES = ("training/prepare.py", "training/train.py", "program.md")
+TEMPLATE_FILES = ("training/prepare.py", "training/train.py", "program.md")  # at least these
 WORKSPACE_GITIGNORE = ".autoresearch/\nresults.tsv\nprogress.png\n__pycache__/\n"
+# Python 3.10 has no exception groups (anyio brings a backport then); an empty tuple matches nothing
+GROUPS = getattr(__import__("builtins"), "BaseExceptionGroup", ())
+DEBUG_ENV = "AUTORESEARCH_DEBUG"
+SERVER_NAME = "autoresearch"  # the name a client lists the server under
+EXECUTABLE = "autoresearch-mcp"
+CLIENTS = ("claude", "cursor", "vscode", "json")
+DASHBOARD_PORT = 8766  # beside serve's 8765, so both can run at once
 
 
 def template_root() -> Path:
@@ -26,22 +41,38 @@ def harness_dir(workspace: Path) -> Path:
     return local.parent if local.exists() else template_root() / "training"
 
 
+def template_files(source: Path) -> list[str]:
+    """program.md and every module of training/: the frozen harness (prepare.py and the modules it imports) and
+    train.py. Listed from the template itself, so a harness module added later is copied without a change here."""
+    return sorted({*TEMPLATE_FILES, *(f"training/{p.name}" for p in (source / "training").glob("*.py"))})
+
+
 def create_workspace(target: Path) -> None:
     """A new git repository holding the pristine harness, train.py and program.md, committed on main."""
     if target.exists() and any(target.iterdir()):
         raise WorkspaceError(f"{target} exists and is not empty; choose a new directory.")
     source = template_root()
-    for name in TEMPLATE_FILES:
+    files = template_files(source)
+    for name in files:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / name, target / name)
     (target / ".gitignore").write_text(WORKSPACE_GITIGNORE)
     git = ["git", "-C", str(target)]
     subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
-    subprocess.run([*git, "add", "--", *TEMPLATE_FILES, ".gitignore"], check=True)
+    subprocess.run([*git, "add", "--", *files, ".gitignore"], check=True)
     identity = ["-c", "user.name=autoresearch-mcp", "-c", "user.email=autoresearch@localhost"]
     has_identity = subprocess.run([*git, "config", "user.email"], capture_output=True).returncode == 0
     subprocess.run([*git, *([] if has_identity else identity), "commit", "-q", "-m", "autoresearch workspace"],
                    check=True)
+
+
+def existing_workspace(path: str) -> Path:
+    """An existing directory, resolved; a missing one is named as such (not as a missing ledger or repository)."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise WorkspaceError(f"{root} is not a directory: pass --workspace with the path of a workspace "
+                             "(`autoresearch-mcp init DIR` creates one).")
+    return root
 
 
 def cmd_init(args) -> int:
@@ -77,6 +108,7 @@ def settings_from(args):
         dataset=args.dataset or os.environ.get("AUTORESEARCH_DATASET"),
         cache=Path(cache).expanduser() if cache else None,
         budget_seconds=float(budget) if budget else None,
+        timeout_seconds=args.timeout,
     )
 
 
@@ -84,6 +116,7 @@ def cmd_serve(args) -> int:
     from server.app import serve
     from server.http import load_token
 
+    existing_workspace(args.workspace)
     token = load_token(args.token_file) if args.transport == "http" else None
     serve(settings_from(args), args.transport, args.host, args.port, token)
     return 0
@@ -92,13 +125,64 @@ def cmd_serve(args) -> int:
 def cmd_results(args) -> int:
     from server.report import print_results
 
-    return print_results(Path(args.workspace).expanduser().resolve(), args.session, args.limit, args.diff)
+    return print_results(existing_workspace(args.workspace), args.session, args.limit, args.diff)
 
 
 def cmd_plot(args) -> int:
     from server.report import write_plot
 
-    return write_plot(Path(args.workspace).expanduser().resolve(), args.session, Path(args.output))
+    return write_plot(existing_workspace(args.workspace), args.session, Path(args.output))
+
+
+def cmd_dashboard(args) -> int:
+    from server.dashboard import run_dashboard
+    from server.http import load_token
+
+    run_dashboard(existing_workspace(args.workspace), args.host, args.port, load_token(args.token_file))
+    return 0
+
+
+def executable() -> list[str]:
+    """This installation's command as absolute paths: the console script beside the running interpreter (a venv's
+    bin/, found even when that venv is not on PATH), else the one that was run, else `python -m server.cli`."""
+    interpreter = Path(os.path.abspath(sys.executable))  # not resolved: a venv's python is a symlink out of it
+    for candidate in (interpreter.parent / EXECUTABLE, Path(os.path.abspath(sys.argv[0]))):
+        if candidate.name == EXECUTABLE and candidate.is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate)]
+    return [str(interpreter), "-m", "server.cli"]
+
+
+def client_config(client: str, workspace: Path, extra: list[str]) -> str:
+    """The exact text to paste for a client: a shell command for Claude Code, JSON for the others."""
+    command, *prefix = executable()
+    args = [*prefix, "serve", "--workspace", str(workspace), *extra]
+    if client == "claude":
+        return shlex.join(["claude", "mcp", "add", SERVER_NAME, "--", command, *args])
+    entry = {"command": command, "args": args}
+    if client == "vscode":  # .vscode/mcp.json names its table "servers" and wants the transport type
+        return json.dumps({"servers": {SERVER_NAME: {"type": "stdio", **entry}}}, indent=2)
+    return json.dumps({"mcpServers": {SERVER_NAME: entry}}, indent=2)
+
+
+CONFIG_WHERE = {
+    "claude": "run this command (Claude Code); `claude mcp list` should then show the server as connected",
+    "cursor": "put this in ~/.cursor/mcp.json (every project) or .cursor/mcp.json (one project)",
+    "vscode": "put this in .vscode/mcp.json of your project (VS Code agent mode)",
+    "json": "put this in a project's .mcp.json (Claude Code) or any client's mcpServers settings",
+}
+
+
+def cmd_config(args) -> int:
+    workspace = existing_workspace(args.workspace)
+    extra = []
+    for flag in ("profile", "dataset", "cache", "time_budget"):
+        value = getattr(args, flag)
+        if value is not None:
+            extra += [f"--{flag.replace('_', '-')}", str(Path(value).expanduser().resolve()) if flag == "cache"
+                      else str(value)]
+    print(f"# {CONFIG_WHERE[args.client]}", file=sys.stderr)  # stdout stays pasteable
+    print(client_config(args.client, workspace, extra))
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -125,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     add_workspace(p)
     add_harness_flags(p)
     p.add_argument("--time-budget", type=float, help="shorten each run's training budget (seconds)")
+    p.add_argument("--timeout", type=float,
+                   help="hard limit per run in seconds (default: twice the budget plus an allowance for start-up, "
+                        "compilation and evaluation); raise it on a busy or slow machine")
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
@@ -155,26 +242,88 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="progress.png")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser("dashboard", help="serve a live, read-only page of the runs (also at / of serve --transport http)")
+    add_workspace(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help=f"port (default {DASHBOARD_PORT})")
+    p.add_argument("--token-file", help="file holding the bearer token (else $AUTORESEARCH_TOKEN)")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("config", help="print the command or JSON that connects a client to this server")
+    p.add_argument("client", choices=CLIENTS, help="claude (a command), cursor, vscode or json (JSON)")
+    add_workspace(p)
+    add_harness_flags(p)
+    p.add_argument("--time-budget", type=float, help="shorten each run's training budget (seconds)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("demo", help="drive the server through a short research loop in a fresh workspace")
     p.add_argument("--dir", help="where to create the demo workspace (default: a new temporary directory)")
     p.add_argument("--profile", default="cpu", help="profile for the demo runs (default cpu)")
     p.add_argument("--time-budget", type=float, default=15, help="training seconds per run (default 15)")
     p.add_argument("--experiments", type=int, default=1, choices=range(1, 9), metavar="1-8",
                    help="how many ideas the scripted agent tries after the baseline (default 1)")
+    p.add_argument("--timeout", type=float, help="hard limit per run in seconds (raise it on a busy machine)")
     p.add_argument("--cache", help="data and tokenizer cache")
     p.set_defaults(func=cmd_demo)
+
+    for command in sub.choices.values():  # accepted after the command too; SUPPRESS keeps the root's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=f"show tracebacks (also {DEBUG_ENV}=1)")
+    root.add_argument("--debug", action="store_true", help=f"show tracebacks (also {DEBUG_ENV}=1)")
     return root
+
+
+def workspace_error_in(error: BaseException) -> WorkspaceError | None:
+    """The WorkspaceError behind an error, looking inside exception groups (anyio task groups wrap what a server
+    raises while starting) and through explicit causes."""
+    if isinstance(error, WorkspaceError):
+        return error
+    if isinstance(error, GROUPS):
+        for inner in error.exceptions:
+            if found := workspace_error_in(inner):
+                return found
+    if error.__cause__ is not None and error.__cause__ is not error:
+        return workspace_error_in(error.__cause__)
+    return None
+
+
+def concise(message: str) -> str:
+    """At most two lines: a wrapped tool's own `error:` line first (it says what is wrong), then the last line
+    (usually what to type)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return "\n".join(lines)
+    inner = next((line for line in lines[1:] if line.lower().startswith("error:")), lines[0])
+    inner = inner[len("error:"):].strip() if inner.lower().startswith("error:") else inner
+    return f"{inner}\n{lines[-1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
     # stdout belongs to the MCP protocol when serving stdio: everything else logs to stderr
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except WorkspaceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # noqa: BLE001 - the last stop before a person reads it
+        if isinstance(e, SystemExit):
+            raise
+        if debug:
+            traceback.print_exc()
+        known = workspace_error_in(e)
+        if known is not None:
+            print(f"error: {concise(str(known))}", file=sys.stderr)
+            return 2
+        if isinstance(e, GROUPS) and len(e.exceptions) == 1:
+            e = e.exceptions[0]
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr)
+        if not debug:
+            print(f"This looks like a bug: run again with --debug (or {DEBUG_ENV}=1) and report the traceback.",
+                  file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

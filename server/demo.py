@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 from mcp import Client, StdioServerParameters
+from tqdm import tqdm
 
 from server.cli import create_workspace
 from server.errors import WorkspaceError
@@ -35,17 +36,68 @@ def call_result(result) -> dict:
     return result.structured_content
 
 
-async def show_progress(progress: float, total: float | None, message: str | None) -> None:
-    print(f"\r  {progress:5.1f}% {message or '':<60}", end="", flush=True)
+class PhaseBar(tqdm):
+    """One line per run: the phase, a bar of that phase's percent, then step, loss and time left."""
+
+    detail = ""
+
+    @property
+    def format_dict(self):
+        return {**super().format_dict, "detail": self.detail}
+
+
+def progress_bar() -> PhaseBar:
+    return PhaseBar(total=100, desc="starting", file=sys.stdout, mininterval=0.2, ncols=100, dynamic_ncols=False,
+                    bar_format="  {desc:<10} |{bar:28}| {n:3.0f}% {detail}")
+
+
+def show(bar: PhaseBar, percent: float | None, message: str | None) -> None:
+    """The server's progress message leads with the phase (`evaluating 40%` carries the rows scored); progress
+    itself is the share of the training budget. An older server sends no phase: starting, then training."""
+    first, *rest = (message or "starting").split(" | ")
+    phase, _, own = first.partition(" ")
+    if not phase.isalpha() and "-" not in phase:
+        phase, rest = "training", [first, *rest]
+    share = float(own.rstrip("%")) if own.endswith("%") else percent
+    bar.set_description_str(phase, refresh=False)
+    bar.detail = " | ".join(rest)
+    bar.n = max(0.0, min(100.0, share or 0.0))
+    bar.refresh()
+
+
+def failure_text(result: dict) -> str:
+    """What went wrong, in order of likelihood for a demo: the machine before train.py, which it ships working."""
+    run_id, status, error = result["run_id"], result["status"], (result.get("error") or "").strip()
+    lines = [f"run {run_id} {status}: {error or 'no error message'}"]
+    if status == "timed_out":
+        lines.append("Likely cause: a busy or slow machine (other programs sharing the CPU slow compilation and "
+                     "evaluation). Close them, or give each run more time: autoresearch-mcp demo --timeout 900")
+    elif status in ("crashed", "interrupted"):
+        lines.append("If the machine ran out of memory or was busy, close other programs and run the demo again; "
+                     "if the log below ends in a Python error from train.py, the edit broke it.")
+    tail = [line for line in (result.get("log_tail") or "").splitlines() if line.strip()][-12:]
+    if tail:
+        lines += ["last lines of its log:", *(f"  {line}" for line in tail)]
+    return "\n".join(lines)
 
 
 async def run(client: Client, description: str) -> dict:
     say(f"> run_experiment({description!r})")
-    result = call_result(await client.call_tool("run_experiment", {"description": description},
-                                                progress_callback=show_progress))
-    print()
+    bar = progress_bar()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        show(bar, progress, message)
+
+    try:
+        result = call_result(await client.call_tool("run_experiment", {"description": description},
+                                                    progress_callback=on_progress))
+        if result["status"] == "succeeded":
+            show(bar, 100.0, "done")
+    finally:
+        bar.close()
     if result["status"] != "succeeded":
-        raise WorkspaceError(f"run {result['run_id']} {result['status']}: {result.get('error')}\n{result.get('log_tail')}")
+        say(failure_text(result))
+        raise WorkspaceError(f"the demo stopped: run {result['run_id']} {result['status']} (see above)")
     delta = result["delta_vs_best"]
     say(f"  {result['run_id']} val_bpb {result['val_bpb']:.6f}"
         + (f" ({delta:+.6f} against the best kept)" if delta is not None else " (baseline)"))
@@ -73,6 +125,8 @@ async def drive(workspace: Path, args) -> None:
                "--profile", args.profile, "--dataset", "sotu", "--time-budget", str(args.time_budget)]
     if args.cache:
         command += ["--cache", args.cache]
+    if args.timeout:
+        command += ["--timeout", str(args.timeout)]
     params = StdioServerParameters(command=command[0], args=command[1:], env=dict(os.environ))
     async with Client(params) as client:
         tools = await client.list_tools()
@@ -107,4 +161,10 @@ def run_demo(args) -> int:
     print_results(workspace, "demo", 0, False)
     write_plot(workspace, "demo", workspace / "progress.png")
     say(f"\nledger: {workspace / '.autoresearch' / 'ledger.jsonl'}; chart: {workspace / 'progress.png'}")
+    say(f"watch it live: autoresearch-mcp dashboard --workspace {workspace}")
+    say("\nNext, connect your agent to a workspace of your own:")
+    say("  autoresearch-mcp init ~/research && autoresearch-mcp prepare --workspace ~/research --dataset sotu")
+    say("  autoresearch-mcp config claude --workspace ~/research   # prints the command to run; "
+        "also: cursor, vscode, json")
+    say('Then tell the agent: "Use the autoresearch prompt and start."')
     return 0

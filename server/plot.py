@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on a server; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 KEPT_COLOR = "#2a9d8f"
 OTHER_COLOR = "#b0b0b0"
@@ -41,10 +42,12 @@ def progress_png(runs: list[dict]) -> bytes:
         ax.scatter(crashed, [floor] * len(crashed), marker="x", color=CRASH_COLOR, label="crashed", zorder=2)
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (lower is better)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are counted, never 1.25 of one
     ax.grid(alpha=0.3)
     if runs:
         ax.set_xlim(0.5, len(runs) + 0.5)
-        ax.legend(loc="best", framealpha=0.9)
+        # outside the axes, under the title: the legend can cover no point, however the points fall
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=4, frameon=False, fontsize=9)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")

@@ -1,11 +1,10 @@
 """For the human in the morning: the results table and the progress chart, straight from the ledger."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 from server.errors import WorkspaceError
-from server.gitops import TRAIN, Git
+from server.gitops import Git
 from server.ledger import Ledger, row_status
 from server.plot import progress_png
 
@@ -25,6 +24,14 @@ def pick_session(workspace: Path, ledger: Ledger, tag: str | None) -> dict:
     return (on_branch or sessions)[-1]
 
 
+def table_status(run: dict) -> str:
+    """A failure as the server recorded it (crashed, timed_out, cancelled, interrupted): the person reading the
+    table needs to know a run ran out of time rather than broke. A success shows its decision, as results.tsv
+    does (results.tsv itself keeps upstream's keep/discard/crash)."""
+    status = run.get("status")
+    return status if status not in ("succeeded", None) else row_status(run)
+
+
 def fmt_bpb(value) -> str:
     return f"{value:.6f}" if isinstance(value, (int, float)) else "-"
 
@@ -35,12 +42,12 @@ def print_results(workspace: Path, tag: str | None, limit: int, show_diff: bool)
     runs = ledger.runs(session["tag"])
     print(f"session {session['tag']} (branch {session['branch']}, profile {session.get('profile')}, "
           f"dataset {session.get('dataset')}): {len(runs)} runs")
-    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<8} description")
+    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<11} description")
     for run in runs[-limit:] if limit else runs:
         memory = (run.get("metrics") or {}).get("peak_vram_mb")
         memory_text = f"{memory / 1024:.1f}" if isinstance(memory, (int, float)) else "-"
         print(f"{run['id']:<7} {run['commit'][:7]:<8} {fmt_bpb(run.get('val_bpb')):>9} {memory_text:>7} "
-              f"{row_status(run):<8} {run.get('description', '')}")
+              f"{table_status(run):<11} {run.get('description', '')}")
     kept = [r for r in runs if r.get("decision") == "keep" and r.get("val_bpb") is not None]
     if not kept:
         print("\nno kept run yet")
@@ -55,10 +62,7 @@ def print_results(workspace: Path, tag: str | None, limit: int, show_diff: bool)
         for run in chain:
             print(f"  {run['id']} {run['commit'][:7]} {run['val_bpb']:.6f}  {run.get('description', '')}")
     if show_diff:
-        diff = subprocess.run(
-            ["git", "-C", str(workspace), "diff", session["base_commit"], best["commit"], "--", TRAIN],
-            capture_output=True, text=True,
-        ).stdout
+        diff = Git(workspace).diff_between(session["base_commit"], best["commit"])
         sys.stdout.write("\n" + (diff or "(train.py is unchanged from the session's start)\n"))
     return 0
 
