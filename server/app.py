@@ -80,7 +80,13 @@ def agent_errors(fn):
 
 def progress_reporter(ctx: Context):
     async def report(p: dict) -> None:
-        parts = [f"step {p['step']}" if p.get("step") is not None else "starting"]
+        # the message leads with the phase (and its own percent when evaluating), so a client shows more than a
+        # frozen bar through compilation and evaluation; progress itself stays the training share, which only grows
+        phase = p.get("phase") or ("starting" if p.get("step") is None else "training")
+        eval_percent = p.get("eval_percent")
+        parts = [f"{phase} {eval_percent:.0f}%" if phase == "evaluating" and eval_percent is not None else phase]
+        if p.get("step") is not None:
+            parts.append(f"step {p['step']}")
         if p.get("loss") is not None:
             parts.append(f"loss {p['loss']:.4f}")
         if p.get("seconds_left") is not None:
@@ -262,6 +268,7 @@ def create_server(settings: Settings) -> MCPServer:
 
 def serve(settings: Settings, transport: str, host: str, port: int, token: str | None) -> None:
     mcp = create_server(settings)
+    mcp.research.harness  # a bad profile or a non-workspace fails here, in plain words, not inside a task group
     if transport == "stdio":
         mcp.run("stdio")
         return
