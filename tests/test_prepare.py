@@ -277,9 +277,10 @@ def test_the_rows_scored_do_not_depend_on_the_batch_size(sotu, smoke, tmp_path, 
     out = capsys.readouterr().out.splitlines()
     assert out.count("phase: evaluating") == 2
     progress = [line for line in out if line.startswith("eval: ")]
-    assert progress[-1] == "eval: 128/128 rows" and len(progress) <= 2 * (prepare.EVAL_PROGRESS_LINES + 1)
+    assert progress[0] == "eval: 0/128 rows" and progress[-1] == "eval: 128/128 rows"
+    assert len(progress) <= 2 * (prepare.EVAL_PROGRESS_LINES + 2)
     done = [int(line.split()[1].split("/")[0]) for line in progress]
-    assert all(0 < n <= 128 for n in done)
+    assert done.count(0) == 2 and all(b > a for a, b in zip(done, done[1:]) if b), "progress only moves forward"
 
 
 def test_a_val_split_shorter_than_one_row_is_refused(sotu, smoke, monkeypatch):

@@ -433,7 +433,10 @@ def evaluate_bpb(model, tokenizer, batch_size):
     if rows == 0:
         raise PrepareError(f"the val split of {tokenizer.source} ({len(tokens):,} tokens) is shorter than one row of "
                            f"{MAX_SEQ_LEN} tokens: use a larger dataset")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PrepareError(f"evaluate_bpb needs a positive integer batch size, got {batch_size!r}")
     n_batches = -(-rows // batch_size)
+    print(f"eval: 0/{rows} rows", flush=True)
     report_every = max(1, n_batches // EVAL_PROGRESS_LINES)
     token_bytes = torch.from_numpy(tokenizer.token_bytes).to(device)
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
