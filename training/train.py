@@ -14,7 +14,6 @@ import gc
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
@@ -22,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prepare import PROFILE, MAX_SEQ_LEN, TIME_BUDGET, DATASET, SEED, Tokenizer, make_dataloader, evaluate_bpb
+import runtime
+from runtime import DEVICE, attention, phase, sync
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags)
@@ -52,84 +53,11 @@ WARMDOWN_RATIO = 0.5      # fraction of the time budget spent ramping the LR dow
 FINAL_LR_FRAC = 0.0
 MOMENTUM_RAMP_RATIO = 0.3 # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
 
-# ---------------------------------------------------------------------------
-# Device and precision
-# ---------------------------------------------------------------------------
-
-if torch.cuda.is_available():
-    device_type = "cuda"
-elif torch.backends.mps.is_available():
-    device_type = "mps"
-else:
-    device_type = "cpu"
-device = torch.device(device_type)
-
-
-def sync():
-    """Wait for queued device work, so that wall-clock timings measure it."""
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()
-
-# Known dense bf16 peaks; any other device gets its peak measured at startup (see measure_matmul_flops).
-PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12}
-
-
-def measure_matmul_flops(dtype, size=1024, seconds=0.25):
-    """Best matmul throughput (FLOP/s) this device reaches in `dtype`: the denominator of MFU off-datacenter."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(3):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            n += 1
-        sync()
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - t0))
-    return best
-
-
-# bf16 where it is faster: always on CUDA (tensor cores); on CPU and MPS it depends on the chip (about 4x on a
-# CPU with AVX512-BF16, slower than fp32 where it is emulated), so measure both and take the winner.
-if device_type == "cuda":
-    compute_dtype = torch.bfloat16
-    gpu_name = torch.cuda.get_device_name()
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None) or measure_matmul_flops(compute_dtype)
-else:
-    try:
-        peak_by_dtype = {dt: measure_matmul_flops(dt) for dt in (torch.float32, torch.bfloat16)}
-    except RuntimeError:  # no bf16 matmul on this backend
-        peak_by_dtype = {torch.float32: measure_matmul_flops(torch.float32)}
-    compute_dtype = max(peak_by_dtype, key=peak_by_dtype.get)
-    peak_flops = peak_by_dtype[compute_dtype]
-use_autocast = compute_dtype != torch.float32
-autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=compute_dtype) if use_autocast else nullcontext()
-
 # torch.compile fuses the elementwise work around the matmuls (norms, rotary, ReLU², the soft-capped loss over
-# the vocab), which is memory-bound and on a CPU costs as much as the matmuls themselves. Measured on a 2-core
-# CPU at the cpu profile's size: 0.83 s per 8k-token step compiled, 1.05-1.6 s eager, for ~15-60 s of one-off
-# compilation. Smoke runs last seconds, less than compiling takes; on MPS compile support is still immature.
-COMPILE = device_type in ("cuda", "cpu") and PROFILE.name != "smoke"
-
-# Flash Attention 3 from the `kernels` hub, when installed and it loads (it downloads on first use).
-fa3 = None
-if device_type == "cuda":
-    try:
-        from kernels import get_kernel
-        # varunneal's build is Hopper only; kernels-community covers other architectures
-        repo = "varunneal/flash-attention-3" if torch.cuda.get_device_capability() == (9, 0) else "kernels-community/flash-attn3"
-        fa3 = get_kernel(repo).flash_attn_interface
-    except Exception as e:
-        print(f"Flash Attention 3 not available ({type(e).__name__}: {e}); using PyTorch attention")
-if fa3 is not None:
-    attention_backend = "fa3"
-elif device_type == "cuda":
-    from torch.nn.attention.flex_attention import flex_attention, create_block_mask
-    attention_backend = "flex+sdpa"  # flex_attention for sliding windows, SDPA (flash) for full layers
-else:
-    attention_backend = "sdpa"
+# the vocab), which is memory-bound and on a CPU costs as much as the matmuls themselves. Smoke runs last seconds,
+# less than compiling takes.
+COMPILE = runtime.COMPILE_MODEL and PROFILE.name != "smoke"
+PRECISION = runtime.choose_precision()  # bf16, fp16 with loss scaling or fp32: autocast dtype and MFU's peak
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -146,7 +74,9 @@ class GPTConfig:
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    # CUDA autocast computes rms_norm in fp32 (torch >= 2.12) and would hand that fp32 on: to attention (FA3 takes
+    # only fp16/bf16) and into the residual stream. Cast back so the stream stays in the compute dtype.
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def has_value_embedding(layer_idx, n_layer):
@@ -159,44 +89,6 @@ def apply_rotary(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-_mask_cache = {}
-
-def sliding_window_mask(T, window, device):
-    """Boolean (T, T) mask, True where query i may attend key j: causal and at most `window` tokens back."""
-    key = (T, window, device)
-    if key not in _mask_cache:
-        i = torch.arange(T, device=device)[:, None]
-        j = torch.arange(T, device=device)[None, :]
-        _mask_cache[key] = (j <= i) & (i - j <= window)
-    return _mask_cache[key]
-
-
-_block_mask_cache = {}
-
-def flex_block_mask(T, window):
-    key = (T, window)
-    if key not in _block_mask_cache:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
-        _block_mask_cache[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-    return _block_mask_cache[key]
-
-
-def attention(q, k, v, window):
-    """Causal attention over (B, T, H, D) tensors; each query sees itself and the `window` tokens before it."""
-    T = q.size(1)
-    if fa3 is not None:
-        return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window >= T - 1:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif attention_backend == "flex+sdpa":
-        y = flex_attention(q, k, v, block_mask=flex_block_mask(T, window))
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, q.device))
-    return y.transpose(1, 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -353,9 +245,10 @@ POLAR_EXPRESS_COEFFS = [
 ]
 
 
-def orthogonalize(g):
-    """Approximate U V^T of a batch of matrices g = U S V^T, in bf16 (it only needs to be roughly orthogonal)."""
-    X = g.bfloat16()
+def orthogonalize(g, dtype=None):
+    """Approximate U V^T of a batch of matrices g = U S V^T. It only needs to be roughly orthogonal, so it runs in
+    the compute dtype (bf16 where the device has it)."""
+    X = g.to(dtype or PRECISION.dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1, with a safety margin
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the smaller Gram matrix
@@ -391,12 +284,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, beta2=0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, beta2=beta2))
-        # Compiled on CUDA, where the update is launch-bound. On a CPU it is a small share of the step (~5% at the
-        # cpu profile's size) and each matrix shape would cost seconds of compilation.
-        if COMPILE and device_type == "cuda":
-            self.update = torch.compile(muon_update, dynamic=False, fullgraph=True)
-        else:
-            self.update = muon_update
+        # Compiled where that pays (a GPU, where the update is launch-bound). On a CPU it is a small share of the
+        # step and each matrix shape would cost seconds of compilation.
+        self.compiled = COMPILE and runtime.COMPILE_SMALL_FUNCTIONS
+        self.update = torch.compile(muon_update, dynamic=False, fullgraph=True) if self.compiled else muon_update
 
     @torch.no_grad()
     def step(self):
@@ -411,9 +302,11 @@ class Muon(torch.optim.Optimizer):
             stacked = torch.stack(params)
             # scale the LR for tall matrices, whose orthogonalized updates have smaller entries
             lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-            # hyperparameters go in as 0-d CPU tensors: a compiled update is then not recompiled whenever a schedule
-            # moves, and (unlike device tensors) they cost no host-to-device copy
-            hp = torch.tensor([group["momentum"], lr, group["weight_decay"], group["beta2"]])
+            hp = [group["momentum"], lr, group["weight_decay"], group["beta2"]]
+            if self.compiled:
+                # as 0-d CPU tensors, a compiled update is not recompiled whenever a schedule moves, and (unlike
+                # device tensors) they cost no host-to-device copy. Eager MPS kernels refuse them: floats there.
+                hp = torch.tensor(hp).unbind()
             self.update(torch.stack([p.grad for p in params]), stacked, state["momentum_buf"], state["variance_buf"], *hp)
             torch._foreach_copy_(params, list(stacked.unbind(0)))
 
@@ -430,7 +323,7 @@ def setup_optimizers(model):
         dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
     adamw = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0,
-                              fused=device_type in ("cuda", "cpu"))
+                              fused=True)
     matrices = list(model.transformer.h.parameters())
     shapes = sorted({p.shape for p in matrices})
     muon = Muon([dict(params=[p for p in matrices if p.shape == s]) for s in shapes],
@@ -472,15 +365,6 @@ def muon_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
 
-def peak_memory_mb():
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    if device_type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20  # the allocator keeps its peak, so this is close
-    import resource
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
@@ -488,52 +372,53 @@ def peak_memory_mb():
 if __name__ == "__main__":
     t_start = time.time()
     torch.manual_seed(SEED)
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")
 
     tokenizer = Tokenizer.load()
     vocab_size = tokenizer.get_vocab_size()
     config = build_config(DEPTH, vocab_size, MAX_SEQ_LEN)
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights(dtype=compute_dtype)
+    model.to_empty(device=DEVICE)
+    model.init_weights(dtype=PRECISION.dtype)
     num_params = model.num_params()
     num_flops_per_token = model.estimate_flops()
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
-    print(f"profile: {PROFILE.name} | dataset: {DATASET} | device: {device_type} | seed: {SEED}")
+    print(f"profile: {PROFILE.name} | dataset: {DATASET} | device: {DEVICE.type} | seed: {SEED}")
     print(f"model: {asdict(config)}")
     print(f"parameters: {num_params:,} | FLOPs/token: {num_flops_per_token:.3e}")
-    print(f"precision: {str(compute_dtype).removeprefix('torch.')} | compile: {COMPILE} | attention: {attention_backend} "
-          f"| peak FLOP/s for MFU: {peak_flops:.3g}")
+    print(f"precision: {PRECISION.name} | compile: {COMPILE} | attention: {runtime.attention_backend()} "
+          f"| peak FLOP/s for MFU: {PRECISION.peak_flops:.3g}")
     print(f"batch: {TOTAL_BATCH_SIZE:,} tokens = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} | time budget: {TIME_BUDGET}s")
 
-    if attention_backend == "flex+sdpa":
-        for window in set(model.windows):  # build the block masks once, outside the compiled graph
-            if window < MAX_SEQ_LEN - 1:
-                flex_block_mask(MAX_SEQ_LEN, window)
+    runtime.build_attention_masks(MAX_SEQ_LEN, model.windows)  # before compiling, so tracing finds them built
     optimizers = setup_optimizers(model)
+    scaler = PRECISION.grad_scaler()  # loss scaling for fp16, a pass-through otherwise
     train_model = torch.compile(model, dynamic=False) if COMPILE else model
     # the first steps pay for compilation and allocator warm-up, so they do not count against the budget
     untimed_steps = 10 if COMPILE else 1
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE)
     x, y, epoch = next(train_loader)
 
     t_start_training = time.time()
     total_training_time = 0.0
     smooth_loss = 0.0
     step = 0
+    phase("compiling" if COMPILE else "warm-up")
     while True:
+        if step == 1 and COMPILE:
+            phase("warm-up")
+        if step == untimed_steps:
+            phase("training")
         sync()
         t0 = time.time()
         for _ in range(grad_accum_steps):
-            with autocast_ctx:
+            with PRECISION.autocast():
                 loss = train_model(x, y)
             train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
+            scaler.scale(loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
 
         progress = min(total_training_time / TIME_BUDGET, 1.0)
@@ -545,7 +430,8 @@ if __name__ == "__main__":
             group["momentum"] = muon_momentum(progress)
             group["weight_decay"] = muon_weight_decay(progress)
         for opt in optimizers:
-            opt.step()
+            scaler.step(opt)
+        scaler.update()
         model.zero_grad(set_to_none=True)
 
         # Fail fast: a NaN never recovers, and a loss far above uniform (ln V) means training has diverged
@@ -562,7 +448,7 @@ if __name__ == "__main__":
         ema_beta = 0.9
         smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss_f
         debiased_loss = smooth_loss / (1 - ema_beta ** (step + 1))
-        mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops
+        mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / PRECISION.peak_flops
         remaining = max(0.0, TIME_BUDGET - total_training_time)
         print(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
               f"dt: {dt * 1000:.0f}ms | tok/sec: {int(TOTAL_BATCH_SIZE / dt):,} | mfu: {mfu:.1f}% | "
@@ -581,22 +467,22 @@ if __name__ == "__main__":
             break
 
     timed_steps = step - untimed_steps
-    with autocast_ctx:
+    with PRECISION.autocast():
         val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
-    mfu_percent = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / peak_flops
+    mfu_percent = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / PRECISION.peak_flops
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {total_training_time:.1f}")
     print(f"total_seconds:    {t_end - t_start:.1f}")
-    print(f"peak_vram_mb:     {peak_memory_mb():.1f}")
+    print(f"peak_vram_mb:     {runtime.peak_memory_mb():.1f}")
     print(f"mfu_percent:      {mfu_percent:.2f}")
     print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
-    print(f"device:           {device_type}")
+    print(f"device:           {DEVICE.type}")
     print(f"profile:          {PROFILE.name}")
     print(f"dataset:          {DATASET}")
     print(f"seed:             {SEED}")
