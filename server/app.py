@@ -27,6 +27,7 @@ from server.models import (
 )
 from server.plot import progress_png
 from server.research import Research, Settings
+from server.workspace import read_in_scope
 
 log = logging.getLogger("autoresearch")
 
@@ -100,13 +101,17 @@ def create_server(settings: Settings) -> MCPServer:
 
     @asynccontextmanager
     async def lifespan(_server):
-        interrupted = research.recover()
-        if interrupted:
-            log.warning("recorded runs left by a previous server as interrupted: %s", ", ".join(interrupted))
+        research.claim()  # one server per workspace: a second one refuses to start
         try:
-            yield {}
+            interrupted = research.recover()
+            if interrupted:
+                log.warning("recorded runs left by a previous server as interrupted: %s", ", ".join(interrupted))
+            try:
+                yield {}
+            finally:
+                research.shutdown()  # a run nobody can wait for any more must not keep the device
         finally:
-            research.shutdown()  # a run nobody can wait for any more must not keep the device
+            research.release()
 
     mcp = MCPServer("autoresearch", instructions=INSTRUCTIONS, version="0.1.0", lifespan=lifespan)
 
@@ -130,7 +135,7 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.tool(annotations=READ_ONLY)
     @agent_errors
     def read_file(
-        path: Annotated[str, Field(description="training/train.py, training/prepare.py, program.md or README.md", max_length=256)] = TRAIN,
+        path: Annotated[str, Field(description="training/train.py, training/prepare.py, training/runtime.py, program.md or README.md", max_length=256)] = TRAIN,
         offset: Annotated[int, Field(ge=1, description="First line to show (1-based)")] = 1,
         limit: Annotated[int, Field(ge=1, le=5000, description="How many lines to show")] = 2000,
     ) -> FileText:
@@ -235,7 +240,7 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.resource("autoresearch://program", mime_type="text/markdown")
     def program() -> str:
         """The agent's research instructions (program.md)."""
-        return (research.root / "program.md").read_text()
+        return read_in_scope(research.root, "program.md")
 
     @mcp.resource("autoresearch://results.tsv", mime_type="text/tab-separated-values")
     def results_tsv() -> str:
@@ -246,7 +251,7 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.resource("autoresearch://train.py", mime_type="text/x-python")
     def train_py() -> str:
         """The current training/train.py."""
-        return (research.root / TRAIN).read_text()
+        return read_in_scope(research.root, TRAIN)
 
     @mcp.resource("autoresearch://runs/{run_id}/log", mime_type="text/plain")
     def run_log(run_id: str) -> str:
@@ -259,7 +264,7 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.prompt()
     def autoresearch() -> str:
         """Start an autonomous research session with the instructions of program.md."""
-        program_text = (research.root / "program.md").read_text()
+        program_text = read_in_scope(research.root, "program.md")
         return f"{program_text}\n\nBegin now: call status(), then start_session with today's date as the tag."
 
     mcp.research = research  # tests and the CLI reach the same state the tools use
@@ -269,6 +274,7 @@ def create_server(settings: Settings) -> MCPServer:
 def serve(settings: Settings, transport: str, host: str, port: int, token: str | None) -> None:
     mcp = create_server(settings)
     mcp.research.harness  # a bad profile or a non-workspace fails here, in plain words, not inside a task group
+    mcp.research.claim()  # so does a second server on the same workspace
     if transport == "stdio":
         mcp.run("stdio")
         return

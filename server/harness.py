@@ -139,8 +139,10 @@ def harness_pins(workspace: Path, describe: dict) -> dict:
 def harness_changes(workspace: Path, pins: dict) -> list[str]:
     """The harness files whose bytes differ from the pins (a session pinned before harness_sha256 existed
     pins prepare.py alone)."""
-    pinned = pins.get("harness_sha256") or {PREPARE: pins.get("prepare_sha256")}
     now = harness_sha256(workspace)
+    pinned = pins.get("harness_sha256")
+    if pinned is None:
+        pinned, now = {PREPARE: pins.get("prepare_sha256")}, {PREPARE: now.get(PREPARE)}
     return [name for name in sorted(set(pinned) | set(now)) if pinned.get(name) != now.get(name)]
 
 

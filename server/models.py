@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, Field
 
-RunStatus = str  # running | succeeded | crashed | timed_out | cancelled | interrupted
+RunStatus = str  # starting | running | succeeded | crashed | timed_out | cancelled | interrupted
 
 
 class NoiseFloor(BaseModel):
@@ -15,12 +15,15 @@ class NoiseFloor(BaseModel):
 
 
 class RunProgress(BaseModel):
-    """Latest progress line parsed from a running job's log."""
+    """Latest progress parsed from a running job's log."""
 
+    phase: str = Field(
+        "starting", description="starting | compiling | warm-up | training | exporting | evaluating | done")
     step: int | None = Field(None, description="Optimizer steps done")
     percent: float | None = Field(None, description="Share of the training budget used, 0-100")
     loss: float | None = Field(None, description="Latest training loss")
     seconds_left: float | None = Field(None, description="Training seconds left in the budget")
+    eval_percent: float | None = Field(None, description="Share of the validation rows scored, 0-100, while evaluating")
     elapsed: float | None = Field(None, description="Wall-clock seconds since the run started")
 
 
@@ -31,7 +34,7 @@ class RunResult(BaseModel):
     commit: str = Field(description="Commit of train.py that was trained (kept reachable as refs/autoresearch/runs/<id>)")
     description: str = Field(description="What this experiment tried")
     status: RunStatus = Field(
-        description="running | succeeded | crashed | timed_out | cancelled | interrupted"
+        description="starting | running | succeeded | crashed | timed_out | cancelled | interrupted"
     )
     decision: str | None = Field(None, description="keep | discard once decided, else null")
     val_bpb: float | None = Field(None, description="Validation bits per byte from the frozen evaluation (lower is better)")
@@ -74,6 +77,8 @@ class Status(BaseModel):
     ledger_damaged_lines: list[int] = Field(
         description="Ledger lines that were torn or garbled (e.g. by a power loss) and skipped; empty when healthy"
     )
+    warnings: list[str] = Field(
+        default_factory=list, description="Set-up problems that make val_bpb less trustworthy (e.g. too few tokens)")
 
 
 class SessionInfo(BaseModel):
@@ -85,6 +90,8 @@ class SessionInfo(BaseModel):
     resumed: bool = Field(description="Whether an existing session was resumed")
     data_ready: bool = Field(description="Whether data and tokenizer are prepared")
     next_step: str = Field(description="What to do next")
+    warnings: list[str] = Field(
+        default_factory=list, description="Set-up problems that make val_bpb less trustworthy (e.g. too few tokens)")
 
 
 class FileText(BaseModel):

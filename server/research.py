@@ -4,11 +4,15 @@ The MCP layer (app.py) and the CLI both sit on this class; nothing here knows ab
 WorkspaceError whose message says what was wrong and what to do.
 """
 
+import functools
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+
+from server import harness, layout
 from server import workspace as ws
 from server.errors import WorkspaceError
 from server.gitops import TRAIN, Git
@@ -29,10 +33,22 @@ from server.models import (
 )
 from server.preflight import preflight
 from server.runs import RunManager
+from server.wslock import ServerClaim, WorkspaceLock
 
 DEFAULT_SEED = 42
 NOISE_SIGMAS = 2.0  # a change smaller than this many sigmas of seed noise is not evidence of anything
 FINISHED = {"succeeded", "crashed", "timed_out", "cancelled", "interrupted"}
+IN_FLIGHT = {"starting", "running"}
+
+
+def state_change(method):
+    """Run a Research method under the workspace lock: one state change at a time, across threads and processes,
+    each re-reading the ledger and git inside the lock before it decides."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock.held():
+            return method(self, *args, **kwargs)
+    return locked
 
 
 @dataclass
@@ -64,6 +80,8 @@ class Research:
         self.cache = (settings.cache or default_cache()).expanduser().resolve()
         self.ledger = Ledger(self.root)
         self.git = Git(self.root)
+        self.lock = WorkspaceLock(self.root)
+        self.server_claim = ServerClaim(self.root)
         self._harness: dict | None = None
         self._runs: RunManager | None = None
 
@@ -73,7 +91,7 @@ class Research:
     def harness(self) -> dict:
         """Profile, dataset, device and readiness as the frozen harness reports them (asked once, then cached)."""
         if self._harness is None:
-            self._harness = ws.describe_harness(
+            self._harness = harness.describe_harness(
                 self.root, self.settings.profile, self.settings.dataset, self.cache
             )
         return self._harness
@@ -116,9 +134,20 @@ class Research:
             )
         return self._runs
 
+    def claim(self) -> None:
+        """Become the one server of this workspace (WorkspaceError naming the other one if it is served)."""
+        self.server_claim.claim()
+
+    def release(self) -> None:
+        self.server_claim.release()
+
+    @state_change
     def recover(self) -> list[str]:
         """Settle runs a previous server left behind (killed mid-run): kill orphans, record them interrupted."""
         return self.runs.recover()
+
+    def warnings(self) -> list[str]:
+        return harness.warnings(self.harness)
 
     def shutdown(self) -> None:
         """At server exit: stop the run in progress and record it interrupted."""
@@ -200,6 +229,7 @@ class Research:
             noise_floor=self.noise_floor(self.profile_name, self.dataset),
             runs=len(runs),
             ledger_damaged_lines=self.ledger.damaged_lines,
+            warnings=self.warnings(),
         )
 
     def read_file(self, path: str, offset: int, limit: int) -> FileText:
@@ -209,6 +239,7 @@ class Research:
 
     def diff_train(self) -> DiffResult:
         session = self.require_session()
+        ws.resolve_in_scope(self.root, TRAIN)  # git would show where a symlinked train.py points
         base, _ = self.kept(session, self.session_runs(session))
         return DiffResult(base=base, diff=self.git.diff_train(base))
 
@@ -225,7 +256,7 @@ class Research:
 
     def read_log(self, run_id: str, tail: int) -> LogText:
         run = self.require_run(run_id)
-        log = self.root / ".autoresearch" / "runs" / run["id"] / "log.txt"
+        log = layout.log_path(self.root, run["id"])
         if not log.exists():
             raise WorkspaceError(f"Run {run_id} has no log file ({log}); it may have failed before starting.")
         lines = log.read_text(errors="replace").splitlines()
@@ -240,6 +271,7 @@ class Research:
 
     # ---------------------------------------------------------------- tools: session and edits
 
+    @state_change
     def start_session(self, tag: str, resume: bool) -> SessionInfo:
         self.git.validate_tag(tag)
         branch = f"autoresearch/{tag}"
@@ -274,7 +306,7 @@ class Research:
             next_step = "Resumed. Call results() to see where the session stands, then continue the loop."
         return SessionInfo(
             tag=tag, branch=branch, base_commit=session["base_commit"], resumed=resumed, data_ready=ready,
-            next_step=next_step,
+            next_step=next_step, warnings=self.warnings(),
         )
 
     def session_record(self, tag: str, branch: str, base_commit: str) -> dict:
@@ -286,18 +318,18 @@ class Research:
             "profile": self.profile_name,
             "dataset": self.dataset,
             "budget_seconds": self.budget_seconds,
-            "pins": ws.harness_pins(self.root, self.harness),
+            "pins": harness.harness_pins(self.root, self.harness),
         }
 
+    @state_change
     def edit_train(self, old_text: str, new_text: str) -> EditResult:
-        path = self.root / TRAIN
-        before = path.read_text()
+        before = ws.read_in_scope(self.root, TRAIN)
         after, line = ws.edit_unique(before, old_text, new_text)
         return self.write_train_text(before, after, line)
 
+    @state_change
     def write_train(self, content: str) -> EditResult:
-        path = self.root / TRAIN
-        before = path.read_text()
+        before = ws.read_in_scope(self.root, TRAIN)
         ws.check_size("train.py", content, ws.MAX_TRAIN_BYTES)
         first = next((i for i, (a, b) in enumerate(zip(before.splitlines(), content.splitlines())) if a != b), None)
         line = (first if first is not None else min(len(before.splitlines()), len(content.splitlines()))) + 1
@@ -306,18 +338,22 @@ class Research:
     def write_train_text(self, before: str, after: str, line: int) -> EditResult:
         if self.runs.current() is not None:
             raise WorkspaceError(
-                "A run is in progress and reads train.py; edit after it ends (wait_for_run) or cancel it."
+                "A run is in progress; edit train.py after it ends (wait_for_run) or cancel it. (The run trains "
+                "the copy of its commit, so nothing edited now would change it.)"
             )
-        ws.atomic_write(self.root / TRAIN, after)
+        ws.write_in_scope(self.root, after, TRAIN)
         return EditResult(diff=ws.unified_diff(before, after, TRAIN), line=line, lines=len(after.splitlines()))
 
     # ---------------------------------------------------------------- tools: runs
 
     async def run_experiment(self, description: str, max_wait: float | None, on_progress=None,
                              seed: int = DEFAULT_SEED, kind: str = "experiment") -> RunResult:
-        run_id = self.start_run(description, seed=seed, kind=kind)
+        # in a worker thread: the workspace lock may be held for seconds by a cancel, and the event loop must not wait
+        start = functools.partial(self.start_run, description, seed=seed, kind=kind)
+        run_id = await anyio.to_thread.run_sync(start)
         return await self.wait_for_run(run_id, max_wait, on_progress)
 
+    @state_change
     def start_run(self, description: str, *, seed: int = DEFAULT_SEED, kind: str = "experiment") -> str:
         """Everything that must hold before budget is spent, then commit and launch. Returns the run id."""
         description = ws.check_description(description)
@@ -339,18 +375,21 @@ class Research:
             raise WorkspaceError(f"The dataset is not prepared. Ask the human to run: {self.prepare_command()}")
         self.git.ensure_only_train_dirty()
         pins = self.session_pins(session)
-        current_pins = ws.harness_pins(self.root, self.harness)
-        if current_pins["prepare_sha256"] != pins["prepare_sha256"]:
+        if changed := harness.harness_changes(self.root, pins):
             raise WorkspaceError(
-                "training/prepare.py changed since the session started; the evaluation is frozen. "
-                f"Restore it with `git checkout {session['base_commit'][:12]} -- training/prepare.py`."
+                f"{', '.join(changed)} changed since the session started; the evaluation harness is frozen. "
+                f"Restore it with {harness.restore_hint(changed, session['base_commit'])}."
             )
-        preflight((self.root / TRAIN).read_text())
+        source = ws.read_in_scope(self.root, TRAIN)
+        preflight(source)
         self.runs.ensure_device_free()
         if self.git.train_changed():
             commit = self.git.commit_train(description)
         else:
             commit = self.git.head()
+        committed = self.git.show_file(commit, TRAIN)
+        if committed != source:  # train.py changed on disk between the check and the commit: check what runs
+            preflight(committed)
         run_id = self.ledger.next_run_id()
         self.git.set_ref(run_id, commit)
         parent, _ = self.kept(session, runs)
@@ -365,13 +404,13 @@ class Research:
         pins = session["pins"]
         if pins.get("val_fingerprint") is None:
             self._harness = None  # the data appeared since: ask the harness again
-            pins = ws.harness_pins(self.root, self.harness)
+            pins = harness.harness_pins(self.root, self.harness)
             self.ledger.append({**session, "pins": pins})
         return pins
 
     async def wait_for_run(self, run_id: str, max_wait: float | None, on_progress=None) -> RunResult:
         run = self.require_run(run_id)
-        if run.get("status") == "running":
+        if run.get("status") in IN_FLIGHT:
             try:
                 run = await self.runs.wait(run["id"], max_wait, on_progress)
             except BaseException:
@@ -381,6 +420,7 @@ class Research:
                 raise
         return self.run_result(run, self.ledger.runs(run.get("session")))
 
+    @state_change
     def cancel_run(self, run_id: str) -> RunResult:
         run = self.require_run(run_id)
         current = self.runs.current()
@@ -401,7 +441,7 @@ class Research:
         within = abs(sigma) < NOISE_SIGMAS if sigma is not None else None
         status = run.get("status")
         progress = None
-        if status == "running" and self.runs.get(run["id"]) is not None:
+        if status in IN_FLIGHT and self.runs.get(run["id"]) is not None:
             progress = RunProgress(**self.runs.progress(run["id"]))
         return RunResult(
             run_id=run["id"],
@@ -431,6 +471,7 @@ class Research:
             raise WorkspaceError(f"Run {run_id} belongs to session {run.get('session')!r}, not {session['tag']!r}.")
         return session, run
 
+    @state_change
     def keep(self, run_id: str) -> Decision:
         session, run = self.session_run(run_id)
         if run.get("status") != "succeeded":
@@ -449,9 +490,11 @@ class Research:
         self.ledger.append({"type": "run", "id": run["id"], "decision": "keep"})
         return self.decision(session, run["id"], "keep")
 
+    @state_change
     def discard(self, run_id: str) -> Decision:
         session, run = self.session_run(run_id)
-        if run.get("status") == "running":
+        current = self.runs.current()
+        if run.get("status") in IN_FLIGHT or (current is not None and current.run_id == run["id"]):
             raise WorkspaceError(f"Run {run_id} is still training; cancel_run({run_id!r}) first.")
         if run.get("decision") is not None:
             raise WorkspaceError(f"Run {run_id} was already decided ({run['decision']}).")
@@ -492,15 +535,17 @@ class Research:
             run_ids.append(result.run_id)
             if result.status != "succeeded":
                 raise WorkspaceError(f"Noise run {result.run_id} {result.status}: {result.error}. Fix that first.")
-            self.ledger.append({"type": "run", "id": result.run_id, "decision": "discard"})
+            with self.lock.held():
+                self.ledger.append({"type": "run", "id": result.run_id, "decision": "discard"})
             values.append(result.val_bpb)
         kept_runs = [r for r in self.session_runs(session) if r.get("decision") == "keep" and r["commit"] == kept]
         values += [r["val_bpb"] for r in kept_runs if r.get("val_bpb") is not None]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        self.ledger.append({
-            "type": "noise", "profile": self.profile_name, "dataset": self.dataset, "commit": kept,
-            "run_ids": run_ids, "values": values, "mean": statistics.fmean(values), "std": std,
-        })
+        with self.lock.held():
+            self.ledger.append({
+                "type": "noise", "profile": self.profile_name, "dataset": self.dataset, "commit": kept,
+                "run_ids": run_ids, "values": values, "mean": statistics.fmean(values), "std": std,
+            })
         return self.noise_floor(self.profile_name, self.dataset)
 
     # ---------------------------------------------------------------- rows
@@ -520,7 +565,7 @@ class Research:
 
 def next_step_for(run: dict, delta: float | None, within_noise: bool | None) -> str:
     status, run_id = run.get("status"), run["id"]
-    if status == "running":
+    if status in IN_FLIGHT:
         return f"Still training. Call wait_for_run({run_id!r}) to keep waiting, or cancel_run({run_id!r})."
     if run.get("decision"):
         return "Decided. Edit train.py with the next idea and run_experiment."

