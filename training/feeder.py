@@ -419,9 +419,13 @@ class FeederLoader:
                     self.ended.set()
                     self.queue.put(None)
                     return
-                buf = torch.empty((self.B, self.T + 1), dtype=torch.uint16, pin_memory=pin)
-                np.copyto(buf.numpy(), self.ring[slot])
-                self.queue.put((buf, epoch, kind))
+                # straight from the ring into the final int64 tensors, in this thread (numpy converts fast,
+                # torch's uint16 kernels are slow), pinned for an asynchronous copy to the GPU
+                x = torch.empty((self.B, self.T), dtype=torch.int64, pin_memory=pin)
+                y = torch.empty((self.B, self.T), dtype=torch.int64, pin_memory=pin)
+                np.copyto(x.numpy(), self.ring[slot, :, :-1])
+                np.copyto(y.numpy(), self.ring[slot, :, 1:])
+                self.queue.put((x, y, epoch, kind))
                 put += 1
                 # No look-ahead in warm-up: the next request may be the one that starts the clock, so it waits
                 # until the trainer really asks for it. In training, `prefetch` batches wait ready in the queue.
@@ -449,13 +453,12 @@ class FeederLoader:
             return self._end()
         if isinstance(item, BaseException):
             raise item
-        buf, epoch, kind = item
+        x, y, epoch, kind = item
         self.phase = "warm-up" if kind == WARMUP_BATCH else "training"
         if self.phase == "training" and self.progress >= 1.0:
             return self._end()  # served in time but taken after the budget: an honest trainer stops here
         self._announce(self.phase)
-        buf = buf.to(self.device, non_blocking=True)
-        return buf[:, :-1].long(), buf[:, 1:].long(), epoch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), epoch
 
     def _end(self):
         self.phase = "ended"
