@@ -1,0 +1,318 @@
+"""The trusted evaluator (training/evaluator.py) and the hand-over (training/handover.py), on the smoke profile.
+
+Tiny models are built and handed over once, in one subprocess (EXPORTER); the evaluator runs from a copy of the
+harness, as the run manager starts it, or, for the cases that only need a verdict, several requests in one
+process through the same evaluate() function (DRIVER), to keep the suite short."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINING = ROOT / "training"
+HARNESS = ("prepare.py", "runtime.py", "handover.py", "evaluator.py")
+TIMEOUT = 600
+
+# Builds every model of these tests, hands each over (or records why it cannot be), and scores the honest one
+# with prepare.evaluate_bpb in process: argv = out dir. Prints one JSON object.
+EXPORTER = r'''
+import json, math, os, sys, time
+from pathlib import Path
+import torch, torch.nn as nn, torch.nn.functional as F
+out = Path(sys.argv[1])
+import prepare, handover
+V, T = prepare.VOCAB_SIZE, prepare.MAX_SEQ_LEN
+
+class Tiny(nn.Module):
+    """Honest and causal: token embedding, causal attention, a causal running mean, a linear head."""
+    def __init__(self, C=32):
+        super().__init__()
+        self.emb, self.qkv = nn.Embedding(V, C), nn.Linear(C, 3 * C)
+        self.mix, self.head = nn.Linear(3 * C, C), nn.Linear(C, V)
+    def forward(self, idx):
+        e = self.emb(idx)
+        q, k, v = self.qkv(e).unsqueeze(1).chunk(3, dim=-1)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1)
+        mean = e.cumsum(1) / torch.arange(1, idx.size(1) + 1, device=idx.device)[None, :, None]
+        return self.head(torch.tanh(self.mix(torch.cat([e, att, mean], -1)))) * 3
+
+def next_token(idx, scale, positions=None):
+    """scale at the logit of the next token: a leak of the future."""
+    nxt = torch.cat([idx[:, 1:], idx[:, -1:]], 1)
+    leak = (torch.arange(V, device=idx.device) == nxt[..., None]).float() * scale
+    if positions is not None:
+        leak = leak * positions[None, :, None]
+    return leak
+
+class LeakLate(Tiny):          # the future leaks into the last quarter of positions only
+    def forward(self, idx):
+        late = (torch.arange(T) >= 3 * T // 4).float()
+        return super().forward(idx) + next_token(idx, 4.0, late)
+
+class LeakAfterFirstCall(Tiny):  # honest on its first call (the one a probe used to see), leaks after
+    calls = 0
+    def forward(self, idx):
+        self.calls += 1
+        return super().forward(idx) + (next_token(idx, 4.0) if self.calls > 1 else 0)
+
+class LeakAfterFirstCallBuffer(Tiny):  # the same, counting in a buffer: the graph would change state
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+    def forward(self, idx):
+        self.calls += 1
+        return super().forward(idx) + next_token(idx, 4.0) * (self.calls > 1)
+
+class ConstantAdded(Tiny):     # a constant per row that depends on the future: no probability changes
+    def forward(self, idx):
+        return super().forward(idx) + 3.0 * (idx[:, -1:] % 7).float()[..., None]
+
+class NanOnSomeCall(Tiny):     # NaN logits whenever the batch's first row ends in an odd token
+    def forward(self, idx):
+        bad = (idx[0, -1] % 2 == 1).float()
+        return super().forward(idx) + bad / (1 - bad) * 0
+
+class SmallLeakLargeLogits(Tiny):  # huge logits at position 0 inflate a global scale; a small leak everywhere
+    def forward(self, idx):
+        huge = (torch.arange(T) == 0).float()[None, :, None] * 1e4
+        return super().forward(idx) + huge + next_token(idx, 0.5)
+
+class SortOp(Tiny):            # calls an op outside the allow-list
+    def forward(self, idx):
+        logits = super().forward(idx)
+        return logits + 0 * torch.sort(logits, dim=-1).values
+
+class DataDependent(Tiny):     # cannot be exported: a Python branch on a tensor's value
+    def forward(self, idx):
+        if idx.sum().item() > 0:
+            return super().forward(idx)
+        return super().forward(idx) * 2
+
+def build(cls):
+    torch.manual_seed(0)
+    return cls().eval()
+
+report = {}
+honest = build(Tiny)
+tokenizer = prepare.Tokenizer.load()
+report["in_process_bpb"] = prepare.evaluate_bpb(honest, tokenizer, 8)
+shape = (6, T)  # 128 rows in batches of 6: the last batch is padded
+for cls in (Tiny, LeakLate, LeakAfterFirstCall, ConstantAdded, NanOnSomeCall, SmallLeakLargeLogits):
+    handover.export_model(build(cls), out / f"{cls.__name__}.graph", shape, V)
+for cls in (LeakAfterFirstCallBuffer, SortOp, DataDependent):
+    try:
+        handover.export_model(build(cls), out / f"{cls.__name__}.graph", shape, V)
+        report[cls.__name__] = "exported"
+    except handover.HandoverError as e:
+        report[cls.__name__] = str(e)
+for cls in (LeakAfterFirstCallBuffer, SortOp):  # written without the trainer-side check: the evaluator's turn
+    handover.write_program(handover.export_program(build(cls), shape, V), out / f"{cls.__name__}.graph", check=False)
+print(json.dumps(report))
+'''
+
+# Runs several requests (JSON list in argv[2]) through one evaluator process: argv[1] = harness dir.
+DRIVER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import evaluator
+requests = json.loads(sys.argv[2])
+evaluator.harness_env(requests[0]["profile"], requests[0]["dataset"], requests[0]["cache"])
+evaluator.isolate(requests[0]["pins"]["harness"])
+results = []
+for request in requests:
+    try:
+        results.append(evaluator.evaluate(request))
+    except evaluator.EvalError as e:
+        results.append({"ok": False, "error": str(e)})
+print(json.dumps(results))
+'''
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def smoke_env(cache):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "PYTHON"))}
+    return {**env, "AUTORESEARCH_PROFILE": "smoke", "AUTORESEARCH_DATASET": "sotu", "AUTORESEARCH_CACHE": str(cache)}
+
+
+def run_json(cmd, env=None, stdin=None):
+    proc = subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no output (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc, json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """A copy of the harness, as installed: the evaluator runs from here, so tests may tamper with it."""
+    folder = tmp_path_factory.mktemp("harness")
+    for name in HARNESS:
+        shutil.copy2(TRAINING / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache(prepared_cache, tmp_path_factory):
+    """A copy of the prepared smoke cache (tests tamper with copies of it, never with this one)."""
+    folder = tmp_path_factory.mktemp("eval-cache")
+    shutil.copytree(prepared_cache / "sotu", folder / "sotu", ignore=shutil.ignore_patterns("*.lock", "raw"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pins(harness, cache):
+    proc, answer = run_json([sys.executable, "-I", str(harness / "evaluator.py"), "--pins", "--profile", "smoke",
+                             "--dataset", "sotu", "--cache", str(cache)])
+    assert proc.returncode == 0, proc.stderr
+    return answer
+
+
+@pytest.fixture(scope="module")
+def models(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graphs")
+    proc = subprocess.run([sys.executable, "-c", EXPORTER, str(out)], cwd=TRAINING, env=smoke_env(cache),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out, report
+
+
+def request(models, name, cache, pins, **more):
+    return {"graph": str(models[0] / f"{name}.graph"), "profile": "smoke", "dataset": "sotu", "cache": str(cache),
+            "pins": pins, **more}
+
+
+def evaluate_cli(harness, req):
+    """The evaluator as the run manager starts it: python -I -B, the request on stdin, the result on stdout."""
+    return run_json([sys.executable, "-I", "-B", str(harness / "evaluator.py")], env=smoke_env("/nonexistent"),
+                    stdin=json.dumps(req))
+
+
+@pytest.fixture(scope="module")
+def verdicts(harness, cache, pins, models, tmp_path_factory):
+    """One evaluator process judging the graph-policy cases, plus tampered copies of the data."""
+    names = ["LeakLate", "LeakAfterFirstCall", "ConstantAdded", "NanOnSomeCall", "SmallLeakLargeLogits",
+             "LeakAfterFirstCallBuffer", "SortOp"]
+    reqs = [request(models, name, cache, pins) for name in names]
+    for victim, tamper in (("token_bytes.npy", "tokenizer_v8192/token_bytes.npy"), ("val.bin", "tokens_v8192/val.bin")):
+        bad = tmp_path_factory.mktemp(f"tampered-{victim}")
+        shutil.copytree(cache / "sotu", bad / "sotu")
+        path = bad / "sotu" / tamper
+        if victim == "token_bytes.npy":  # every token's byte count doubled: a lower bpb for the same model
+            import numpy as np
+            np.save(path, np.load(path) * 2)
+        else:  # one token changed
+            data = bytearray(path.read_bytes())
+            data[100] ^= 1
+            path.write_bytes(bytes(data))
+        names.append(f"tampered {victim}")
+        reqs.append(request(models, "Tiny", bad, pins))
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", DRIVER, str(harness), json.dumps(reqs)],
+                          env=smoke_env("/nonexistent"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(zip(names, json.loads(proc.stdout.strip().splitlines()[-1])))
+
+
+@pytest.fixture(scope="module")
+def honest(harness, cache, pins, models):
+    proc, answer = evaluate_cli(harness, request(models, "Tiny", cache, pins))
+    assert proc.returncode == 0 and answer["ok"], answer
+    return proc, answer
+
+
+def test_honest_model_scores_what_evaluate_bpb_scores_in_process(honest, models):
+    proc, answer = honest
+    assert answer["val_bpb"] == pytest.approx(models[1]["in_process_bpb"], abs=1e-5)
+    assert answer["rows_evaluated"] == 128 and answer["batch_rows"] == 6  # 22 batches, the last one padded
+    assert answer["tokens_evaluated"] > 0 and answer["bytes_evaluated"] > answer["tokens_evaluated"]
+    assert answer["probe_rows"] >= 127 and answer["probe_max_diff"] == 0.0
+    assert answer["peak_memory_mb"] > 0 and answer["eval_seconds"] >= 0
+    assert "phase: evaluating" in proc.stderr and "eval: 128/128 rows" in proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1  # the pipe carries the result and nothing else
+
+
+@pytest.mark.parametrize("name", ["LeakLate", "LeakAfterFirstCall", "SmallLeakLargeLogits"])
+def test_causality_bypasses_are_caught(verdicts, name):
+    assert not verdicts[name]["ok"]
+    assert "not causal" in verdicts[name]["error"]
+
+
+def test_nan_logits_fail(verdicts):
+    assert not verdicts["NanOnSomeCall"]["ok"]
+    assert "non-finite" in verdicts["NanOnSomeCall"]["error"]
+
+
+def test_a_constant_added_to_the_logits_changes_nothing(verdicts, honest):
+    answer = verdicts["ConstantAdded"]
+    assert answer["ok"], answer
+    assert answer["val_bpb"] == pytest.approx(honest[1]["val_bpb"], abs=1e-5)
+
+
+def test_graphs_that_change_state_are_refused(verdicts, models):
+    message = models[1]["LeakAfterFirstCallBuffer"]  # the trainer is told first
+    assert message.startswith("the evaluator refuses this graph: it changes state") and "\n" not in message
+    answer = verdicts["LeakAfterFirstCallBuffer"]
+    assert not answer["ok"] and "it changes state" in answer["error"]
+
+
+def test_ops_outside_the_allow_list_are_refused(verdicts, models):
+    assert "aten.sort" in models[1]["SortOp"]
+    answer = verdicts["SortOp"]
+    assert not answer["ok"] and "torch.ops.aten.sort" in answer["error"] and "allow-list" in answer["error"]
+
+
+def test_a_model_that_cannot_be_exported_gets_one_line_saying_why(models):
+    message = models[1]["DataDependent"]
+    assert message.startswith("cannot hand the model to the evaluator: torch.export failed")
+    assert "\n" not in message and "no Python branches on tensor values" in message
+
+
+@pytest.mark.parametrize("victim", ["token_bytes.npy", "val.bin"])
+def test_tampered_data_is_refused(verdicts, victim):
+    answer = verdicts[f"tampered {victim}"]
+    assert not answer["ok"] and f"{victim} does not match its pin" in answer["error"]
+
+
+def test_an_edited_prepare_is_refused(harness, cache, pins, models, tmp_path):
+    edited = tmp_path / "harness"
+    shutil.copytree(harness, edited)
+    source = (edited / "prepare.py").read_text()
+    (edited / "prepare.py").write_text(source.replace("return min(eval_tokens, n_val_tokens) // max_seq_len",
+                                                      "return 1"))
+    proc, answer = evaluate_cli(edited, request(models, "Tiny", cache, pins))
+    assert proc.returncode == 1 and not answer["ok"]
+    assert "prepare.py does not match its pin" in answer["error"]
+
+
+def test_planted_bytecode_is_never_run(harness, cache, pins, models, tmp_path):
+    """A .pyc beside handover.py, stamped so that a plain import would use it, that lets every op through: the
+    evaluator still refuses the graph calling aten.sort, because it runs the pinned source bytes."""
+    planted = tmp_path / "harness"
+    shutil.copytree(harness, planted)
+    source = planted / "handover.py"
+    evil = source.read_text() + "\ndef op_allowed(target, extra_ops=()):\n    return True\nPLANTED = True\n"
+    code = compile(evil, str(source), "exec")
+    stat = source.stat()
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(importlib._bootstrap_external._code_to_timestamp_pyc(code, int(stat.st_mtime), stat.st_size))
+    control = subprocess.run([sys.executable, "-c", "import handover; print(getattr(handover, 'PLANTED', False))"],
+                             cwd=planted, capture_output=True, text=True, timeout=TIMEOUT)
+    assert control.stdout.strip() == "True"  # the plant works on an ordinary import
+    proc, answer = evaluate_cli(planted, request(models, "SortOp", cache, pins))
+    assert not answer["ok"] and "torch.ops.aten.sort" in answer["error"]
+
+
+def test_a_request_without_pins_is_refused(harness):
+    proc, answer = run_json([sys.executable, "-I", "-B", str(harness / "evaluator.py")],
+                            stdin=json.dumps({"graph": "x", "profile": "smoke", "dataset": "sotu", "pins": {}}))
+    assert proc.returncode == 2 and not answer["ok"] and "pins" in answer["error"]

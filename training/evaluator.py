@@ -1,0 +1,391 @@
+"""
+The trusted evaluator: scores a model handed over by train.py (training/handover.py) in a fresh process that
+runs harness code only. The run manager starts it after the trainer and all its descendants are gone:
+
+    python -I -B <harness>/evaluator.py < request.json     (request: one JSON object, see Request below)
+
+and reads the result from its stdout: one JSON line, {"ok": true, "val_bpb": ..., ...} (exit 0) or
+{"ok": false, "error": "<one line>"} (exit 1; exit 2 for a malformed request). Progress lines in the run log's
+protocol (`phase: evaluating`, `eval: <done>/<total> rows`) go to stderr.
+
+What it trusts: this file, and the harness modules beside it (prepare.py, runtime.py, handover.py), which it runs
+from their source bytes only after checking them against the pins it is given: no bytecode is read for them
+(a planted __pycache__ is never used), and nothing from the workspace is on sys.path. The data (tokenizer,
+token_bytes, the val split) is copied into a private folder while its sha256 is checked, then read from there.
+What it does not trust: the handed-over file. Its graph must pass handover.check_program (pure tensor ops from an
+allow-list, no state changes, static shapes, nothing run on load); the evaluator computes the cross-entropy from
+the logits itself in fp32, fails on non-finite logits, and checks causality on probe batches the graph cannot
+tell apart from scored ones.
+
+    python -I <harness>/evaluator.py --pins --profile P --dataset D [--cache C]
+prints the pins of the harness beside this file and of a prepared dataset, for the server to record once.
+"""
+
+import argparse
+import hashlib
+import importlib.abc
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.time()
+HARNESS_DIR = Path(__file__).resolve().parent
+HARNESS_FILES = ("prepare.py", "runtime.py", "handover.py")  # imported by name, each checked against its pin
+# The prepared files that decide the score, by folder (prepare.tokenizer_dir / prepare.tokens_dir).
+DATA_FILES = {"tokenizer.pkl": "tokenizer", "token_bytes.npy": "tokenizer", "val.bin": "tokens", "val.idx.npy": "tokens"}
+
+# Causality probes: rows whose tokens after a random cut come from another row; every position before the cut must
+# give the same next-token distribution as in the scored batch. Compared as log(p + floor) per vocab entry, so a
+# constant added to a position's logits changes nothing (it changes no probability, hence not the score either),
+# and the tolerance is in nats, the same at every position whatever the logits' magnitude.
+PROBE_FLOOR = 1e-6
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; by the precision the graph runs in
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+READ_CHUNK = 1 << 22
+PROBE_CHUNK = 512  # positions compared at once (x vocab x 8 bytes)
+
+
+class EvalError(Exception):
+    """The model or the harness state is refused; the message is one line saying why."""
+
+
+def log(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Harness modules: from their pinned source bytes, never from bytecode or the workspace
+# ---------------------------------------------------------------------------
+
+class PinnedHarness(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports prepare, runtime and handover from HARNESS_DIR: the bytes are read once, checked against the pin
+    and compiled here, so a changed file or a planted .pyc can never run. pins None: trust the files (--pins)."""
+
+    def __init__(self, pins):
+        self.pins = pins
+
+    def find_spec(self, name, path=None, target=None):
+        if f"{name}.py" not in HARNESS_FILES:
+            return None
+        return importlib.util.spec_from_loader(name, self, origin=str(HARNESS_DIR / f"{name}.py"))
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        path = HARNESS_DIR / f"{module.__name__}.py"
+        source = path.read_bytes()
+        if self.pins is not None and sha256_bytes(source) != self.pins.get(path.name):
+            raise EvalError(f"the harness file {path} does not match its pin: it was changed since the server "
+                            "started; reinstall autoresearch-mcp (or restore the file) and restart the server")
+        module.__file__ = str(path)
+        exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+
+
+def isolate(pins):
+    """No bytecode written, nothing of the harness dir or the working directory on sys.path, harness modules
+    only through PinnedHarness."""
+    sys.dont_write_bytecode = True
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != HARNESS_DIR]
+    sys.meta_path.insert(0, PinnedHarness(pins))
+
+
+def harness_env(profile, dataset, cache):
+    """prepare.py resolves its settings from the environment at import: give it exactly these."""
+    for key in [k for k in os.environ if k.startswith("AUTORESEARCH_")]:
+        del os.environ[key]
+    os.environ.update(AUTORESEARCH_PROFILE=profile, AUTORESEARCH_DATASET=dataset)
+    if cache:
+        os.environ["AUTORESEARCH_CACHE"] = str(cache)
+
+
+# ---------------------------------------------------------------------------
+# Pins
+# ---------------------------------------------------------------------------
+
+def data_paths(prepare, cache_dir, dataset, vocab_size):
+    data_dir = prepare.get_cache_dir(cache_dir) / prepare.dataset_name(dataset)
+    folders = {"tokenizer": prepare.tokenizer_dir(data_dir, vocab_size), "tokens": prepare.tokens_dir(data_dir, vocab_size)}
+    return data_dir, {name: folders[folder] / name for name, folder in DATA_FILES.items()}
+
+
+def compute_pins(profile, dataset, cache):
+    """{"harness": {file: sha256}, "data": {file: sha256}} of the harness beside this file and a prepared dataset."""
+    harness_env(profile, dataset, cache)
+    isolate(None)
+    import prepare
+    _, paths = data_paths(prepare, prepare.CACHE_DIR, prepare.DATASET_SOURCE, prepare.VOCAB_SIZE)
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise EvalError(f"dataset {dataset} is not prepared ({missing[0]} is missing): run "
+                        f"`autoresearch-mcp prepare --dataset {dataset} --profile {profile}`")
+    return {"harness": {name: sha256_bytes((HARNESS_DIR / name).read_bytes()) for name in HARNESS_FILES},
+            "data": {name: _sha256_file(path) for name, path in paths.items()}}
+
+
+def _sha256_file(path, copy_to=None):
+    h = hashlib.sha256()
+    with open(path, "rb") as f, (open(copy_to, "wb") if copy_to else open(os.devnull, "wb")) as out:
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+    return h.hexdigest()
+
+
+def private_copy(prepare, request, private):
+    """Copies the pinned data files (and meta.json, checked against them by load_split) into a private cache,
+    checking each sha256 on the way, and returns the tokenizer loaded from there."""
+    V, source = prepare.VOCAB_SIZE, str(request["dataset"])
+    data_dir, paths = data_paths(prepare, request.get("cache"), source, V)
+    _, copies = data_paths(prepare, private, source, V)
+    fix = (f"the prepared data changed after the server recorded it: run `autoresearch-mcp prepare --dataset "
+           f"{source} --profile {prepare.PROFILE.name} --force`, then restart the server")
+    for name, path in paths.items():
+        copies[name].parent.mkdir(parents=True, exist_ok=True)
+        try:
+            digest = _sha256_file(path, copy_to=copies[name])
+        except OSError as e:
+            raise EvalError(f"cannot read {path}: {e.strerror}; {fix}") from None
+        if digest != request["pins"]["data"][name]:
+            raise EvalError(f"{path} does not match its pin (sha256 {digest[:12]}, pinned "
+                            f"{request['pins']['data'][name][:12]}): {fix}")
+    tokens = prepare.tokens_dir(data_dir, V)
+    shutil.copyfile(tokens / "meta.json", copies["val.bin"].parent / "meta.json")
+    prepare.ready_marker(prepare.get_cache_dir(private) / prepare.dataset_name(source), V).write_text("{}")
+    return prepare.Tokenizer.load(source, private, V)
+
+
+# ---------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------
+
+def val_rows(prepare, tokenizer, batch, seq_len):
+    """(rows scored, int64 array [n_batches * batch, seq_len + 1]): the pinned val rows, in the order
+    evaluate_bpb scores them, and the further rows that pad the last batch (computed, never counted)."""
+    import numpy as np
+    tokens, offsets = prepare.load_split(tokenizer, "val")
+    rows = prepare.eval_rows(len(tokens), seq_len, prepare.EVAL_TOKENS)
+    if rows == 0:
+        raise EvalError(f"the val split ({len(tokens):,} tokens) is shorter than one row of {seq_len} tokens")
+    n_batches = -(-rows // batch)
+    stream = prepare.packed_batches(tokens, offsets, batch, seq_len, tokenizer.get_bos_token_id(), prepare.VAL_SEED)
+    return rows, np.concatenate([next(stream)[0] for _ in range(n_batches)])
+
+
+def probe_plan(n_batches, batch, seq_len, n_rows, rng):
+    """{scored batch index: [(row in batch, donor row, cut)]}: every cut 1..seq_len-1 once (a leak at any position
+    shows at some cut), spread over randomly chosen scored batches; donors are other rows of the val set."""
+    cuts = rng.permutation(range(1, seq_len)).tolist()
+    n_probe = -(-len(cuts) // batch)
+    chosen = rng.choice(n_batches, size=n_probe, replace=n_probe > n_batches).tolist()
+    plan = {}
+    for k, b in enumerate(chosen):
+        entries = []
+        for i in range(batch):
+            cut = cuts[(k * batch + i) % len(cuts)]
+            donor = int(rng.integers(n_rows - 1))
+            donor += donor >= b * batch + i  # never the row itself
+            entries.append((i, donor, cut))
+        plan.setdefault(b, []).append(entries)
+    return plan
+
+
+def probe_diff(scored, probed, cuts):
+    """Largest |log(p + floor) - log(p' + floor)| over the vocab at the positions before each row's cut. A pure
+    graph gives bitwise-equal logits there, so only positions that differ at all are compared in float64."""
+    import torch
+    cuts = torch.tensor(cuts, device=scored.device)
+    before = torch.arange(scored.size(1), device=scored.device)[None, :] < cuts[:, None]
+    differ = before & (scored != probed).any(-1)
+    rows, pos = differ.nonzero(as_tuple=True)
+    worst = 0.0
+    for lo in range(0, len(rows), PROBE_CHUNK):
+        r, p = rows[lo:lo + PROBE_CHUNK], pos[lo:lo + PROBE_CHUNK]
+        a, b = torch.softmax(scored[r, p].double(), -1), torch.softmax(probed[r, p].double(), -1)
+        worst = max(worst, ((a + PROBE_FLOOR).log() - (b + PROBE_FLOOR).log()).abs().max().item())
+    return worst
+
+
+def evaluate(request):
+    """Runs one request (see main) and returns the result dict; raises EvalError to refuse."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import prepare
+    import handover
+    t_ready = time.time()
+    private = Path(tempfile.mkdtemp(prefix="autoresearch-eval-"))
+    try:
+        tokenizer = private_copy(prepare, request, private / "cache")
+        device = torch.device(request.get("device") or prepare.detect_device())
+        precision = request.get("autocast", "bfloat16" if device.type == "cuda" else None) or "float32"
+        if precision not in ("float32", *AUTOCAST_DTYPES):
+            raise EvalError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)} or null, not {precision!r}")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        T, V = prepare.MAX_SEQ_LEN, tokenizer.vocab_size
+
+        t0 = time.time()
+        graph_path = Path(request["graph"])
+        try:
+            graph_sha = _sha256_file(graph_path, copy_to=private / "model.graph")
+        except OSError as e:
+            raise EvalError(f"no model was handed over ({graph_path}: {e.strerror}): train.py must call "
+                            "handover.export_model at the end of training") from None
+        try:
+            ep = handover.load_program(private / "model.graph", device, tuple(request.get("extra_ops", ())))
+        except handover.HandoverError as e:
+            raise EvalError(str(e)) from None
+        (user_input,) = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        meta = next(n for n in ep.graph.nodes if n.name == user_input).meta.get("val")
+        if meta is None or meta.dtype != torch.int64 or meta.dim() != 2 or meta.shape[1] != T:
+            got = None if meta is None else f"{str(meta.dtype).removeprefix('torch.')} {tuple(meta.shape)}"
+            raise EvalError(f"the graph takes {got}, not int64 token ids of shape (batch, {T}): export it with "
+                            f"handover.export_model, which uses this profile's shape")
+        B = int(meta.shape[0])
+        module = ep.module()
+        load_seconds = time.time() - t0
+
+        rows, packed = val_rows(prepare, tokenizer, B, T)
+        n_batches = len(packed) // B
+        rng = np.random.default_rng(request.get("probe_seed", int.from_bytes(os.urandom(8), "little")))
+        plan = probe_plan(n_batches, B, T, len(packed), rng)
+        token_bytes = torch.from_numpy(tokenizer.token_bytes).to(device)
+        ctx = torch.autocast(device.type, dtype=getattr(torch, precision)) if precision != "float32" else None
+
+        def run(x):
+            with torch.no_grad(), (ctx or torch.no_grad()):
+                logits = module(x)
+            if not torch.is_tensor(logits) or tuple(logits.shape) != (B, T, V) or not logits.is_floating_point():
+                shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+                raise EvalError(f"the graph returned {shape}, not logits ({B}, {T}, {V})")
+            if not torch.isfinite(logits).all():
+                raise EvalError("the model produced non-finite logits (NaN or inf); val_bpb is not defined")
+            return logits
+
+        log("phase: evaluating")
+        report_every = max(1, n_batches // prepare.EVAL_PROGRESS_LINES)
+        total_nats, total_bytes, total_tokens, worst, probe_rows = 0.0, 0, 0, 0.0, 0
+        tolerance = PROBE_TOLERANCE[precision]
+        t0 = time.time()
+        # Probed batches first, so a leak is refused without scoring the rest; a pure graph cannot tell the order.
+        order = list(plan) + [b for b in range(n_batches) if b not in plan]
+        for done, b in enumerate(order, 1):
+            batch = torch.from_numpy(packed[b * B:(b + 1) * B]).to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            logits = run(x)
+            loss = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1), reduction="none")
+            nbytes = token_bytes[y]
+            mask = nbytes > 0
+            mask[rows - b * B:] = False  # padding rows: computed, never counted
+            total_nats += torch.where(mask.reshape(-1), loss.double(), 0.0).sum().item()
+            total_bytes += int(torch.where(mask, nbytes, 0).sum().item())
+            total_tokens += int(mask.sum().item())
+            for entries in plan.get(b, []):
+                probe = x.clone()
+                for i, donor, cut in entries:
+                    probe[i, cut:] = torch.from_numpy(packed[donor, cut:T]).to(device)
+                probed = run(probe)
+                diff = probe_diff(logits, probed, [cut for _, _, cut in entries])
+                worst, probe_rows = max(worst, diff), probe_rows + len(entries)
+                if diff > tolerance:
+                    raise EvalError(f"the model is not causal: changing the tokens after a position changed the "
+                                    f"predictions before it by {diff:.3g} nats (tolerance {tolerance:g}); "
+                                    "val_bpb would measure a leak, not learning")
+            if done % report_every == 0 or done == n_batches:
+                log(f"eval: {min(done * B, rows)}/{rows} rows")
+        eval_seconds = time.time() - t0
+        if device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            import resource
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+        return {"ok": True, "val_bpb": total_nats / (math.log(2) * total_bytes), "profile": prepare.PROFILE.name,
+                "dataset": prepare.DATASET, "rows_evaluated": rows, "tokens_evaluated": total_tokens,
+                "bytes_evaluated": total_bytes, "eval_seconds": round(eval_seconds, 3),
+                "load_seconds": round(load_seconds, 3), "startup_seconds": round(t_ready - T_START, 3),
+                "peak_memory_mb": round(peak_mb, 1), "batch_rows": B, "precision": precision,
+                "probe_rows": probe_rows, "probe_max_diff": worst, "graph_sha256": graph_sha,
+                "val_fingerprint": request["pins"]["data"]["val.bin"]}
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+def check_request(request):
+    """A request: {"graph": path of the handed-over file, "profile": name, "dataset": source, "cache": dir or null,
+    "pins": {"harness": {file: sha256}, "data": {file: sha256}}, optional "device", "autocast" (bfloat16 | float16
+    | null), "extra_ops" (allowed custom op names, e.g. FA3's), "probe_seed" (tests only)}."""
+    if not isinstance(request, dict):
+        return "the request must be one JSON object"
+    for key in ("graph", "profile", "dataset", "pins"):
+        if key not in request:
+            return f"the request has no {key!r}"
+    pins = request["pins"]
+    if not isinstance(pins, dict) or not isinstance(pins.get("harness"), dict) or not isinstance(pins.get("data"), dict):
+        return "pins must be {\"harness\": {file: sha256}, \"data\": {file: sha256}} (see --pins)"
+    missing = [f for f in HARNESS_FILES if f not in pins["harness"]] + [f for f in DATA_FILES if f not in pins["data"]]
+    if missing:
+        return f"the request pins no sha256 for {', '.join(missing)} (see --pins)"
+    return None
+
+
+def main(argv=None):
+    # The result goes to the real stdout only; anything else printed (by torch, say) lands on stderr.
+    result_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    parser = argparse.ArgumentParser(description="The trusted evaluator (reads a JSON request on stdin).")
+    parser.add_argument("--pins", action="store_true", help="print the pins of the harness and a prepared dataset")
+    parser.add_argument("--profile")
+    parser.add_argument("--dataset", default="sotu")
+    parser.add_argument("--cache")
+    args = parser.parse_args(argv)
+
+    def answer(result, code):
+        result_out.write(json.dumps(result) + "\n")
+        result_out.flush()
+        return code
+
+    if args.pins:
+        if not args.profile:
+            return answer({"ok": False, "error": "--pins needs --profile"}, 2)
+        try:
+            return answer(compute_pins(args.profile, args.dataset, args.cache), 0)
+        except EvalError as e:
+            return answer({"ok": False, "error": str(e)}, 1)
+    try:
+        request = json.loads(sys.stdin.read())
+    except ValueError as e:
+        return answer({"ok": False, "error": f"the request on stdin is not JSON ({e})"}, 2)
+    problem = check_request(request)
+    if problem:
+        return answer({"ok": False, "error": problem}, 2)
+    harness_env(str(request["profile"]), str(request["dataset"]), request.get("cache"))
+    isolate(request["pins"]["harness"])
+    try:
+        return answer(evaluate(request), 0)
+    except EvalError as e:
+        return answer({"ok": False, "error": str(e)}, 1)
+    except Exception as e:  # prepare.PrepareError, or the graph failing to run: one line, no traceback
+        line = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+        return answer({"ok": False, "error": f"evaluation failed: {type(e).__name__}: {line}"[:500]}, 1)
+    except SystemExit as e:  # prepare.py refused the settings (it printed why on stderr)
+        return answer({"ok": False, "error": f"the harness refused the request's settings (exit {e.code})"}, 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
