@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -232,7 +233,45 @@ def test_seatbelt_profile_denies_last_so_the_run_dir_and_tokenizer_come_back(lay
                                     readable=[layout["tok"]], hidden=[])
     lines = text.splitlines()
     deny_state = next(i for i, l in enumerate(lines) if "deny file-read*" in l and str(layout["state"].resolve()) in l)
-    allow_run = next(i for i, l in enumerate(lines) if "allow file-read*" in l and str(layout["run"].resolve()) in l)
+    allow_run = next(i for i, l in enumerate(lines) if "allow file-read* file-write*" in l and str(layout["run"].resolve()) in l)
     allow_tok = next(i for i, l in enumerate(lines) if "allow file-read*" in l and str(layout["tok"].resolve()) in l)
     assert deny_state < allow_run and deny_state < allow_tok  # last matching rule wins in SBPL
     assert "(deny network*)" in lines
+
+
+@needs_sandbox
+def test_spawned_from_a_short_lived_thread_the_trainer_outlives_that_thread(layout):
+    """--die-with-parent follows the thread that forked; sandbox.spawn keeps a thread alive for the child, so a
+    run started from a worker thread that then exits (anyio's, after 10 s idle) is not killed with it."""
+    r, w = os.pipe()
+    argv = launch(layout, f"import os, time; os.write({w}, b'up'); time.sleep({EXIT_LIMIT})").argv
+    started = {}
+
+    def worker():
+        started["proc"] = sandbox.spawn(argv, pass_fds=(w,))
+        assert os.read(r, 2) == b"up"  # the trainer is running while this thread is alive
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    os.close(w)
+    proc = started["proc"]
+    try:
+        ready, _, _ = select.select([r], [], [], 1.0)  # a dead sandbox would close the pipe: EOF
+        assert not ready and proc.poll() is None
+    finally:
+        proc.kill()
+        assert proc.wait(timeout=EXIT_LIMIT) == -signal.SIGKILL
+        os.close(r)
+
+
+@needs_sandbox
+def test_an_optional_compile_cache_is_writable_and_named_to_torch(layout, tmp_path):
+    cache = tmp_path / "compile-cache"
+    launched = sandbox.build_command(
+        [sys.executable, "-c", "import os; d = os.environ['TORCHINDUCTOR_CACHE_DIR']; os.makedirs(d); "
+                               "open(os.path.join(d, 'entry'), 'w').write('x'); print(d)"],
+        isolation="sandbox", run_dir=layout["run"], state_dir=layout["state"], compile_cache=cache)
+    proc = subprocess.run(launched.argv, capture_output=True, text=True, timeout=EXIT_LIMIT)
+    assert proc.returncode == 0, proc.stderr
+    assert (cache / "inductor" / "entry").read_text() == "x"
