@@ -6,10 +6,12 @@ evaluate_bpb, or plain Python that never imports torch where the fault happens b
 reports to the `tally` fixture (tests/tally.py), which checks at the end that no run record was lost.
 """
 
+import fcntl
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,11 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
+from server import workspace as ws_module
 from server.app import create_server
 from server.cli import create_workspace
+from server.executor import lock_path
+from server.layout import LOCK_DIR_ENV
 from server.research import Settings
 from support import call, git, ledger_runs
 
@@ -136,6 +141,34 @@ def read_pids(path: Path) -> list[int]:
     return [int(line) for line in wait_for_file(path).split()]
 
 
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)
+
+
+def device_free(device: str = "cpu") -> bool:
+    """Whether the machine-wide lock of this device (in the tests' own lock folder) is free."""
+    path = lock_path(device)
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def server_env(tmp_path) -> dict:
+    """The environment of a server started as a subprocess: little more than PATH, plus the tests' lock folder."""
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)),
+            LOCK_DIR_ENV: os.environ[LOCK_DIR_ENV]}
+
+
 async def refused(client, tally, name, **arguments) -> str:
     """A bad input: the tool must refuse it (and the tally counts it)."""
     result = await client.call_tool(name, arguments)
@@ -236,7 +269,9 @@ def test_a_model_that_sees_the_future_or_reports_its_own_loss_is_not_scored(sett
 
 def test_prepare_py_edited_at_run_time_fails_the_run_and_it_stays_failed(settings, workspace, tally):
     # The path is assembled at run time, out of the preflight's sight: the pins catch it after the run.
-    source = TINY + EVALUATE + 'open("training/" + "prep" + "are.py", "a").write("\\nEVAL_TOKENS = 1\\n")\n'
+    # the run's own folder is its working directory; the harness folder is the one on its import path
+    source = TINY + EVALUATE + ('import os\nopen(os.environ["PYTHONPATH"] + "/prep" + "are.py", "a")'
+                                '.write("\\nEVAL_TOKENS = 1\\n")\n')
 
     async def body(client):
         await call(client, "start_session", tag="tamper")
@@ -302,7 +337,7 @@ def test_a_child_process_that_outlives_train_py_is_killed(settings, workspace, t
 
 def test_an_infinite_loop_is_killed_at_the_hard_timeout(workspace, prepared_cache, tally, tmp_path):
     pids = tmp_path / "pids.txt"
-    source = NO_EVAL + record_pids(pids, "os.getpid()", sleeper(False)) + "while True:\n    pass\n"
+    source = NO_EVAL + record_pids(pids, "os.getpid()", sleeper(False), "os.getpgrp()") + "while True:\n    pass\n"
     settings = Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
                         budget_seconds=BUDGET, timeout_seconds=3)
 
@@ -311,9 +346,9 @@ def test_an_infinite_loop_is_killed_at_the_hard_timeout(workspace, prepared_cach
         result = await run(client, tally, workspace, "never stops", source)
         assert result["status"] == "timed_out" and result["val_bpb"] is None
         assert "hard timeout" in result["error"]
-        main, child = read_pids(pids)
+        main, child, group = read_pids(pids)
         assert not alive(main) and not alive(child)
-        assert live_group_members(main) == []  # the whole process group is gone
+        assert live_group_members(group) == []  # the whole process group is gone
         assert (await call(client, "status"))["run_in_progress"] is None
     in_process(settings, body)
     tally.fault_survived()
@@ -431,7 +466,7 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
         command=sys.executable,
         args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
               "--cache", str(prepared_cache), "--time-budget", str(BUDGET)],
-        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))},
+        env=server_env(tmp_path),
     )
     started = {}
 
@@ -453,14 +488,14 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
             raise first_leaf(e) from None
     assert started["status"] == "running"
     main, child = read_pids(pids)
-    assert alive(main) and alive(child)  # an orphan, still holding the device lock
-    assert ledger_runs(workspace)[started["run_id"]]["status"] == "running"
+    # the run's launcher saw its server die and took the run down: no orphan trains on, none holds the device
+    wait_until(lambda: not alive(main) and not alive(child) and device_free())
+    assert ledger_runs(workspace)[started["run_id"]]["status"] == "running"  # until the next server settles it
 
     async def second_server(client):
         record = ledger_runs(workspace)[started["run_id"]]
         assert record["status"] == "interrupted"  # recorded at start-up, before any tool call
-        assert "killed its leftover processes" in record["error"]
-        assert not alive(main) and not alive(child)
+        assert "the server stopped while this run was training" in record["error"]
         status = await call(client, "status")
         assert status["run_in_progress"] is None
         assert status["head"] == started["commit"] == git(workspace, "rev-parse", "HEAD")
@@ -650,3 +685,222 @@ def test_the_records_check_catches_a_lost_or_altered_record(tmp_path):
     check.run(tmp_path, {"run_id": "r0002", "status": "running", "val_bpb": None})
     check.run(tmp_path, {"run_id": "r0003", "status": "cancelled", "val_bpb": None})
     assert [lost.split(":")[0] for lost in check.lost_records()] == ["r0001", "r0002", "r0003"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one lock for the workspace, runs from their commit, crash-safe starts
+
+
+def test_keep_and_discard_of_one_run_at_once_exactly_one_wins(settings, workspace, tally):
+    async def body(client):
+        await call(client, "start_session", tag="decide-race")
+        baseline = await run(client, tally, workspace, "baseline", TINY + EVALUATE)
+        await call(client, "keep", run_id=baseline["run_id"])
+        kept = baseline["commit"]
+        for attempt in range(2):
+            result = await run(client, tally, workspace, f"idea {attempt}", TINY + EVALUATE + f"# idea {attempt}\n")
+            assert result["status"] == "succeeded"
+            answers = {}
+
+            async def decide(name):
+                answers[name] = await client.call_tool(name, {"run_id": result["run_id"]})
+
+            async with anyio.create_task_group() as tasks:  # both calls in flight at once, in worker threads
+                tasks.start_soon(decide, "keep")
+                tasks.start_soon(decide, "discard")
+            winners = [name for name, answer in answers.items() if not answer.is_error]
+            assert len(winners) == 1, {name: a.content[0].text for name, a in answers.items()}
+            [loser] = set(answers) - set(winners)
+            assert "already decided" in answers[loser].content[0].text
+            tally.bad_input()
+            # the ledger and the branch tell the same story
+            assert ledger_runs(workspace)[result["run_id"]]["decision"] == winners[0]
+            kept = result["commit"] if winners[0] == "keep" else kept
+            assert git(workspace, "rev-parse", "HEAD") == kept
+            assert git(workspace, "status", "--porcelain") == ""
+            assert (await call(client, "status"))["kept_commit"] == kept
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_second_server_on_one_workspace_refuses_to_start(settings, workspace, prepared_cache, tally, tmp_path):
+    async def body(client):
+        await call(client, "start_session", tag="one-server")
+        # the command line: one line saying what is wrong, no traceback, a non-zero exit
+        proc = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke",
+             "--dataset", "sotu", "--cache", str(prepared_cache)],
+            env=server_env(tmp_path), capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL))
+        output = (proc.stdout + proc.stderr).strip()
+        assert proc.returncode != 0 and "already serving" in output, output
+        assert "Traceback" not in output and len(output.splitlines()) <= 3
+        # in the same process, a second server's session cannot start either
+        with pytest.raises(BaseException) as refused_start:
+            with anyio.fail_after(60):
+                async with Client(create_server(settings)) as other:
+                    await other.call_tool("status", {})
+        assert "already serving" in repr(first_leaf(refused_start.value)) + str(first_leaf(refused_start.value))
+        tally.bad_input(2)
+        # the first server goes on, and what it runs is what it records
+        result = await run(client, tally, workspace, "still the only server", TINY + EVALUATE)
+        assert result["status"] == "succeeded"
+        assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{result['run_id']}") == result["commit"]
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_an_edit_during_a_run_does_not_change_what_runs(settings, workspace, tally, tmp_path):
+    go = tmp_path / "go"
+    waits = TINY + f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n" + EVALUATE
+
+    async def body(client):
+        await call(client, "start_session", tag="edit-mid-run")
+        started = await run(client, tally, workspace, "waits, then evaluates", waits, max_wait_seconds=0.1)
+        assert started["status"] == "running"
+        # the agent rewrites train.py behind the server's back (its own shell), and through the tool
+        (workspace / "training" / "train.py").write_text(NO_EVAL + 'raise SystemExit("the edited code ran")\n')
+        assert "run is in progress" in await refused(client, tally, "write_train", content=NO_EVAL)
+        go.touch()
+        done = tally.run(workspace, await call(client, "wait_for_run", run_id=started["run_id"]))
+        assert done["status"] == "succeeded" and done["val_bpb"] > 1.0
+        copy = workspace / ".autoresearch" / "runs" / started["run_id"] / "train.py"
+        assert copy.read_text() == waits == subprocess.run(
+            ["git", "-C", str(workspace), "show", f"{started['commit']}:training/train.py"],
+            capture_output=True, text=True, check=True).stdout
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_a_symlinked_train_py_leaks_nothing(settings, workspace, tally, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("PASSWORD = 'hunter2'\n")
+
+    async def body(client):
+        await call(client, "start_session", tag="symlinked")
+        train = workspace / "training" / "train.py"
+        train.unlink()
+        train.symlink_to(secret)
+        for name, arguments in [("read_file", {"path": "training/train.py"}),
+                                ("edit_train", {"old_text": "PASSWORD = 'hunter3'", "new_text": "x = 1"}),
+                                ("write_train", {"content": "x = 1\n"}),
+                                ("diff_train", {}),
+                                ("run_experiment", {"description": "train the symlink"})]:
+            message = await refused(client, tally, name, **arguments)
+            assert "hunter2" not in message and "symlink" in message, (name, message)
+        with pytest.raises(BaseException) as resource:
+            answer = await client.read_resource("autoresearch://train.py")
+            assert "hunter2" not in str(answer)  # an error answer would do too, as long as nothing leaks
+            raise AssertionError("the resource was served")
+        assert "hunter2" not in str(resource.value)
+        assert "hunter2" not in json.dumps(await call(client, "status"))
+        assert secret.read_text() == "PASSWORD = 'hunter2'\n" and train.is_symlink()
+        assert ledger_runs(workspace) == {}
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def test_the_near_miss_search_is_bounded_through_the_server(settings, workspace, tally, monkeypatch):
+    compared = []
+    ratio = ws_module.difflib.SequenceMatcher.ratio
+
+    def counting_ratio(self):
+        compared.append(max(len(self.a), len(self.b)))
+        return ratio(self)
+    monkeypatch.setattr(ws_module.difflib.SequenceMatcher, "ratio", counting_ratio)
+    one_line = "x = [" + ", ".join(map(str, range(30_000))) + "]\n"  # ~190 KB on one line
+    many_lines = "value = compute(x, y)\n" * 20_000
+
+    async def body(client):
+        await call(client, "start_session", tag="near-miss")
+        for text, old in ((one_line, one_line[:-3] + "0]"), (many_lines, "value = compute(x, z)")):
+            await call(client, "write_train", content=text)
+            compared.clear()
+            message = await refused(client, tally, "edit_train", old_text=old, new_text="x = 0")
+            assert "not found" in message
+            # every quadratic comparison is of bounded size, and there is at most one per line
+            assert compared and max(compared) <= ws_module.NEAR_MISS_CHARS
+            assert len(compared) <= text.count("\n")
+            assert (await call(client, "status"))["session"] == "near-miss"
+    in_process(settings, body)
+    tally.fault_survived()
+
+
+def server_processes(workspace: Path) -> list:
+    """The `serve --workspace <workspace>` processes this test started (the stdio client spawns them)."""
+    import psutil
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "serve" in proc.cmdline() and str(workspace) in proc.cmdline():
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def run_processes_alive(workspace: Path) -> list[int]:
+    """Processes carrying a result-file path of this workspace's runs: the launchers, train.py, their children."""
+    import psutil
+    marker = str(workspace / ".autoresearch" / "runs")
+    alive_pids = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("AUTORESEARCH_RESULT_FILE", "").startswith(marker) and alive(proc.pid):
+                alive_pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return alive_pids
+
+
+KILL_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.5)  # seconds after run_experiment is sent
+
+
+def test_kill_9_at_any_instant_of_a_start_leaves_ledger_git_and_device_lock_in_agreement(
+        settings, workspace, prepared_cache, tally, tmp_path):
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
+              "--cache", str(prepared_cache), "--time-budget", str(BUDGET)],
+        env=server_env(tmp_path),
+    )
+
+    for attempt, delay in enumerate(KILL_DELAYS):
+        async def one_try():
+            async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                await call(session, "start_session", tag="kill9", resume=attempt > 0)
+                await call(session, "write_train", content=NO_EVAL + f"time.sleep(600)  # attempt {attempt}\n")
+                [server] = server_processes(workspace)
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(session.call_tool, "run_experiment",
+                                     {"description": f"killed {delay}s in", "max_wait_seconds": 0})
+                    await anyio.sleep(delay)
+                    server.kill()  # SIGKILL
+                    server.wait(30)
+
+        try:
+            anyio.run(one_try)
+        except BaseException as e:  # the transport tears down noisily after the kill; a failed check still fails
+            if isinstance(first_leaf(e), (AssertionError, KeyboardInterrupt, pytest.fail.Exception)):
+                raise first_leaf(e) from None
+        # without any server: whatever was launched is taken down by its launcher, and the device is free
+        wait_until(lambda: not run_processes_alive(workspace) and device_free())
+        tally.fault_survived()
+
+    async def next_server(client):
+        status = await call(client, "status")
+        assert status["run_in_progress"] is None
+        runs = ledger_runs(workspace)
+        assert all(r["status"] not in ("starting", "running") for r in runs.values()), runs
+        for run_id, record in runs.items():
+            assert record["status"] == "interrupted" and "the server stopped" in record["error"]
+            # every recorded run's code is in git, under its run ref
+            assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{run_id}") == record["commit"]
+            tally.run(workspace, {"run_id": run_id, "status": "interrupted", "val_bpb": None})
+        assert not (workspace / ".git" / "index.lock").exists()
+        assert git(workspace, "status", "--porcelain") in ("", "M training/train.py")
+        # and the loop goes on: a new run starts on the free device and ends
+        after = await run(client, tally, workspace, "after the kills", NO_EVAL + "sys.exit(0)\n")
+        assert after["status"] == "crashed" and "result file" in after["error"]
+
+    in_process(settings, next_server)
