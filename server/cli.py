@@ -108,7 +108,6 @@ def settings_from(args):
         dataset=args.dataset or os.environ.get("AUTORESEARCH_DATASET"),
         cache=Path(cache).expanduser() if cache else None,
         budget_seconds=float(budget) if budget else None,
-        timeout_seconds=args.timeout,
     )
 
 
@@ -209,9 +208,6 @@ def parser() -> argparse.ArgumentParser:
     add_workspace(p)
     add_harness_flags(p)
     p.add_argument("--time-budget", type=float, help="shorten each run's training budget (seconds)")
-    p.add_argument("--timeout", type=float,
-                   help="hard limit per run in seconds (default: twice the budget plus an allowance for start-up, "
-                        "compilation and evaluation); raise it on a busy or slow machine")
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
@@ -262,7 +258,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=15, help="training seconds per run (default 15)")
     p.add_argument("--experiments", type=int, default=1, choices=range(1, 9), metavar="1-8",
                    help="how many ideas the scripted agent tries after the baseline (default 1)")
-    p.add_argument("--timeout", type=float, help="hard limit per run in seconds (raise it on a busy machine)")
     p.add_argument("--cache", help="data and tokenizer cache")
     p.set_defaults(func=cmd_demo)
 

@@ -20,7 +20,8 @@ from starlette.routing import Route
 
 from server.errors import WorkspaceError
 from server.gitops import RUN_ID_RE, Git
-from server.ledger import STATE_DIR, Ledger, row_status
+from server.layout import log_path
+from server.ledger import Ledger, row_status
 from server.plot import progress_png
 from server.report import pick_session
 from server.research import NOISE_SIGMAS
@@ -32,10 +33,6 @@ LOG_TAIL_BYTES = 512 * 1024   # never read more than this of a log to show its e
 LIVE_LOG_LINES = 6            # the newest lines shown under the progress bar
 READ_ONLY_METHODS = ("GET", "HEAD")
 LIVE_STATUSES = ("starting", "running")  # a run the ledger has not closed yet
-
-
-def log_file(root: Path, run_id: str) -> Path:
-    return root / STATE_DIR / "runs" / run_id / "log.txt"
 
 
 def tail_text(path: Path, lines: int) -> str:
@@ -119,7 +116,7 @@ class Board:
         """The run in progress as its log shows it now. Phase and eval_percent come from the run manager's log
         protocol; a log without `phase:` lines still shows starting, then training."""
         with self.lock:
-            reader = self.readers.setdefault(run["id"], LogReader(log_file(self.root, run["id"])))
+            reader = self.readers.setdefault(run["id"], LogReader(log_path(self.root, run["id"])))
             reader.read()
             progress = dict(reader.progress)
             recent = list(reader.tail)[-LIVE_LOG_LINES:]
@@ -148,7 +145,7 @@ class Board:
         return self.ledger.run(run_id) if RUN_ID_RE.fullmatch(run_id) else None
 
     def log(self, run_id: str) -> str | None:
-        return tail_text(log_file(self.root, run_id), LOG_TAIL_LINES) if self.run(run_id) else None
+        return tail_text(log_path(self.root, run_id), LOG_TAIL_LINES) if self.run(run_id) else None
 
     def diff(self, run_id: str) -> str | None:
         """train.py as this run changed it: from the kept commit it started from to the run's own commit."""

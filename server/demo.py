@@ -18,6 +18,7 @@ from tqdm import tqdm
 from server.cli import create_workspace
 from server.errors import WorkspaceError
 from server.report import print_results, write_plot
+from server.runs import WATCHDOG_FACTOR_ENV
 
 # The scripted agent's ideas, tried in order: (constant in train.py, factor). Small hyperparameter nudges are
 # edits every train.py survives; a real agent's ideas are of course its own.
@@ -69,9 +70,9 @@ def failure_text(result: dict) -> str:
     """What went wrong, in order of likelihood for a demo: the machine before train.py, which it ships working."""
     run_id, status, error = result["run_id"], result["status"], (result.get("error") or "").strip()
     lines = [f"run {run_id} {status}: {error or 'no error message'}"]
-    if status == "timed_out":
-        lines.append("Likely cause: a busy or slow machine (other programs sharing the CPU slow compilation and "
-                     "evaluation). Close them, or give each run more time: autoresearch-mcp demo --timeout 900")
+    if status == "timed_out":  # the run manager's message names the phase, its limit and the likely cause
+        lines.append("On a busy machine, close other work or give every phase more time: "
+                     f"{WATCHDOG_FACTOR_ENV}=3 autoresearch-mcp demo")
     elif status in ("crashed", "interrupted"):
         lines.append("If the machine ran out of memory or was busy, close other programs and run the demo again; "
                      "if the log below ends in a Python error from train.py, the edit broke it.")
@@ -125,8 +126,6 @@ async def drive(workspace: Path, args) -> None:
                "--profile", args.profile, "--dataset", "sotu", "--time-budget", str(args.time_budget)]
     if args.cache:
         command += ["--cache", args.cache]
-    if args.timeout:
-        command += ["--timeout", str(args.timeout)]
     params = StdioServerParameters(command=command[0], args=command[1:], env=dict(os.environ))
     async with Client(params) as client:
         tools = await client.list_tools()

@@ -61,3 +61,17 @@ def test_demo_progress_passes_through_the_phases_to_100_percent_and_says_what_ne
         assert states[-1] == ("done", 100)
     assert "autoresearch-mcp config claude --workspace" in demo.stdout  # the closing lines: connect an agent
     assert "autoresearch-mcp dashboard --workspace" in demo.stdout
+
+
+def test_a_failed_run_is_explained_before_train_py_is_blamed():
+    from server.demo import failure_text
+
+    timed_out = failure_text({"run_id": "r0002", "status": "timed_out", "log_tail": "step 3\neval: 40/80 rows",
+                              "error": "the evaluating phase ran past its 300 s limit and the run was stopped. The "
+                                       "likely cause is a busy machine ..."})
+    lines = timed_out.splitlines()
+    assert lines[0].startswith("run r0002 timed_out: the evaluating phase ran past its 300 s limit")
+    assert "AUTORESEARCH_WATCHDOG_FACTOR=3 autoresearch-mcp demo" in lines[1]
+    assert lines[-1] == "  eval: 40/80 rows"
+    crashed = failure_text({"run_id": "r0003", "status": "crashed", "error": "exit 1", "log_tail": None})
+    assert "busy" in crashed and crashed.index("busy") < crashed.index("train.py")
