@@ -94,13 +94,14 @@ def export_program(model, shape, vocab_size=None):
     model.eval()
     try:
         # autocast is not part of the hand-over: the evaluator picks the precision. The eager call fills caches
-        # the forward builds lazily (masks, rotary tables) with real tensors, so export sees constants.
+        # the forward builds lazily (masks, rotary tables) with real tensors, so export sees constants; one row
+        # is enough (such caches depend on the sequence length) and keeps a gpu-size model's call cheap on a CPU.
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            out = model(idx)
-            if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(shape) or (
+            out = model(idx[:1])
+            if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != (1, shape[1]) or (
                     vocab_size is not None and out.size(-1) != vocab_size):
                 got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-                want = (*shape, vocab_size or "vocab")
+                want = (1, shape[1], vocab_size or "vocab")
                 raise HandoverError(f"cannot hand the model to the evaluator: model(idx) returned {got}, not logits "
                                     f"{want}; with no targets, forward must return the logits tensor")
             ep = torch.export.export(_Logits(model), (idx,), strict=False)
