@@ -21,8 +21,9 @@ Usage (the server starts it; AUTORESEARCH_* in the environment as for the traine
     python training/feeder.py --fd N [--status FILE] [--warmup-tokens N] [--warmup-limit SECONDS]
 The trainer's side (train.py):
     from feeder import feeder_dataloader
-    train_loader = feeder_dataloader(B, T, device=device)     # same shape as make_dataloader: (x, y, epoch)
-    train_loader.progress                                       # fraction of the budget used, for LR schedules
+    train_loader = feeder_dataloader(tokenizer, B, T, "train", device=device)  # make_dataloader's arguments
+    x, y, epoch = next(train_loader)       # StopIteration once the budget is spent: `next(train_loader, None)`
+    train_loader.progress                  # fraction of the budget used (0 in warm-up), for LR schedules
 Without AUTORESEARCH_FEEDER_FD (a human running train.py by hand), the client starts a feeder of its own.
 """
 
@@ -465,10 +466,16 @@ class FeederLoader:
         raise StopIteration
 
     def _announce(self, phase):
-        # the log protocol's phase lines (issue 11), printed by harness code on the trainer's side
-        if self.announce and phase != self.announced:
+        # The log protocol's `phase: training` line, printed by harness code the moment the feeder's clock starts
+        # for the trainer (train.py announces compiling / warm-up itself, before its first step).
+        if self.announce and phase == "training" and self.announced != phase:
             self.announced = phase
-            print(f"phase: {phase}", flush=True)
+            print("phase: training", flush=True)
+
+    @property
+    def training_seconds(self):
+        """The feeder's clock: training seconds used so far (the official figure comes from the feeder's report)."""
+        return self.progress * self.budget
 
     @property
     def progress(self):
@@ -498,8 +505,9 @@ class FeederLoader:
             pass
 
 
-def feeder_dataloader(B, T, split="train", device="cpu", **kw):
-    """make_dataloader's drop-in for training: batches from the harness's feeder (see FeederLoader)."""
+def feeder_dataloader(tokenizer, B, T, split="train", device="cpu", **kw):
+    """make_dataloader's drop-in for training, same arguments: batches from the harness's feeder (FeederLoader).
+    The tokenizer is accepted for the same signature; the feeder reads the run's own (and the run's seed)."""
     return FeederLoader(B, T, split=split, device=device, **kw)
 
 
