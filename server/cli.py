@@ -79,7 +79,8 @@ def cmd_init(args) -> int:
     target = Path(args.dir).expanduser().resolve()
     create_workspace(target)
     print(f"Created a workspace in {target}.")
-    print(f"Next: autoresearch-mcp prepare --dataset sotu, then autoresearch-mcp serve --workspace {target}")
+    print(f"Next: autoresearch-mcp prepare --workspace {target} --dataset sotu, then connect a client: "
+          f"autoresearch-mcp config claude --workspace {target} (or cursor, vscode, json)")
     return 0
 
 
@@ -179,6 +180,9 @@ def cmd_config(args) -> int:
         if value is not None:
             extra += [f"--{flag.replace('_', '-')}", str(Path(value).expanduser().resolve()) if flag == "cache"
                       else str(value)]
+    if not (workspace / "training" / "prepare.py").exists():
+        print(f"# note: {workspace} is not a workspace yet (no training/prepare.py): "
+              f"autoresearch-mcp init {workspace} creates one", file=sys.stderr)
     print(f"# {CONFIG_WHERE[args.client]}", file=sys.stderr)  # stdout stays pasteable
     print(client_config(args.client, workspace, extra))
     return 0
