@@ -190,3 +190,17 @@ def test_by_hand_the_client_starts_a_feeder_of_its_own(prepared_cache, monkeypat
     n = sum(1 for _ in loader)
     loader.close()
     assert n >= 1 and loader.phase == "ended" and loader.process.returncode == 0
+
+
+def test_an_unprepared_dataset_is_refused_with_prepares_message(tmp_path):
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path / "empty"), "AUTORESEARCH_PROFILE": "smoke",
+           "AUTORESEARCH_DATASET": "sotu"}
+    proc = subprocess.Popen([sys.executable, str(FEEDER), "--fd", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    with pytest.raises(feeder.FeedError, match="autoresearch-mcp prepare"):
+        feeder.FeederLoader(B, T, fd=ours.detach())
+    out, err = proc.communicate(timeout=EXIT_LIMIT)
+    assert proc.returncode == 2 and "not prepared" in err and "Traceback" not in err
+    assert json.loads(out.strip().splitlines()[-1])["reason"].startswith("error:")

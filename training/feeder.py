@@ -52,7 +52,7 @@ WARMUP_TOKENS = {"gpu": 10 * 2**19, "small": 10 * 2**15, "cpu": 10 * 2**13, "smo
 # counted from this instant. Generous, so a compile on a busy machine loses nothing.
 WARMUP_LIMIT_SECONDS = {"gpu": 300, "small": 300, "cpu": 300, "smoke": 60}
 MAX_BATCH_TOKENS = 2**24    # B * (T + 1) per batch at most (32 MiB a slot): a trainer cannot make us allocate more
-SLOTS = 2                   # ring slots: the feeder fills the next while the trainer copies the last
+SLOTS = 2                   # ring slots; a slot is rewritten only after the trainer copied it out and asked again
 PREFETCH = 4                # packed batches the feeder keeps ready ahead of requests (not yet served)
 STATUS_SECONDS = 0.5        # the status file is rewritten at least this often while serving, and at every phase
 MAX_HELLO_BYTES = 4096
@@ -275,8 +275,13 @@ def serve(sock, open_batches, feeder):
             pass
         feeder.finish("refused: " + (str(e) or type(e).__name__))
         return
+    try:
+        batches = open_batches(B, T)
+    except Exception as e:  # not prepared, corrupt cache: the trainer's log gets the same one-line reason
+        _send_json(sock, {"ok": False, "error": str(e)})
+        raise
     q, stop = queue.Queue(maxsize=PREFETCH), threading.Event()
-    threading.Thread(target=_producer, args=(open_batches(B, T), q, stop), daemon=True, name="feeder-pack").start()
+    threading.Thread(target=_producer, args=(batches, q, stop), daemon=True, name="feeder-pack").start()
     slot_tokens = B * (T + 1)
     shm_fd = _shared_memory(SLOTS * slot_tokens * TOKEN_DTYPE().itemsize)
     ring = np.frombuffer(mmap.mmap(shm_fd, SLOTS * slot_tokens * TOKEN_DTYPE().itemsize), dtype=TOKEN_DTYPE)
@@ -345,9 +350,10 @@ def main(argv=None):
     threading.Thread(target=_timer, args=(feeder, done), daemon=True, name="feeder-timer").start()
     try:
         serve(sock, open_batches, feeder)
-    except prepare.PrepareError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        feeder.finish(f"error: {e}")
+    except Exception as e:  # the run fails with the reason, and the figures so far are still reported
+        message = str(e) if isinstance(e, prepare.PrepareError) else f"{type(e).__name__}: {e}"
+        print(f"error: feeder: {message}", file=sys.stderr, flush=True)
+        feeder.finish(f"error: {message}")
         return 2
     finally:
         done.set()
