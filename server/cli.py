@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(e, GROUPS) and len(e.exceptions) == 1:
             e = e.exceptions[0]
+        if isinstance(e, OSError) and e.strerror:  # the machine said no (permissions, disk, ports): not a bug
+            print(f"error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+            return 1
         print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
               file=sys.stderr)
         if not debug:
