@@ -204,3 +204,18 @@ def test_an_unprepared_dataset_is_refused_with_prepares_message(tmp_path):
     out, err = proc.communicate(timeout=EXIT_LIMIT)
     assert proc.returncode == 2 and "not prepared" in err and "Traceback" not in err
     assert json.loads(out.strip().splitlines()[-1])["reason"].startswith("error:")
+
+
+def test_the_trainer_gets_the_ring_read_only():
+    import mmap
+    fd = feeder._shared_memory(4096)
+    ro = feeder._read_only(fd)
+    try:
+        if sys.platform.startswith("linux"):
+            with pytest.raises(PermissionError):
+                mmap.mmap(ro, 4096)  # a shared writable mapping of the trainer's descriptor
+        assert len(mmap.mmap(ro, 4096, prot=mmap.PROT_READ)) == 4096
+    finally:
+        os.close(fd)
+        if ro != fd:
+            os.close(ro)

@@ -123,6 +123,15 @@ def _shared_memory(nbytes):
     return fd
 
 
+def _read_only(fd):
+    """A read-only descriptor of the same memory for the trainer (Linux: reopened through /proc), so it cannot
+    even map the ring writable. Elsewhere the same descriptor: the trainer could only spoil its own batches."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return fd
+
+
 # ---------------------------------------------------------------------------
 # The feeder (trusted process)
 # ---------------------------------------------------------------------------
@@ -287,9 +296,11 @@ def serve(sock, open_batches, feeder):
     ring = np.frombuffer(mmap.mmap(shm_fd, SLOTS * slot_tokens * TOKEN_DTYPE().itemsize), dtype=TOKEN_DTYPE)
     ring = ring.reshape(SLOTS, B, T + 1)
     feeder.begin(B, T)
+    trainer_fd = _read_only(shm_fd)
     _send_json(sock, {"ok": True, "B": B, "T": T, "slots": SLOTS, "dtype": np.dtype(TOKEN_DTYPE).str,
-                      "budget": feeder.budget, "warmup_tokens": feeder.warmup_allowance}, fds=[shm_fd])
-    os.close(shm_fd)
+                      "budget": feeder.budget, "warmup_tokens": feeder.warmup_allowance}, fds=[trainer_fd])
+    for fd in {shm_fd, trainer_fd}:
+        os.close(fd)
     served = 0
     try:
         while True:
@@ -450,7 +461,7 @@ class FeederLoader:
         return self
 
     def __next__(self):
-        if self.ended.is_set():
+        if self.phase == "ended" or self.ended.is_set():
             return self._end()
         with self.asking:
             self.asked += 1
