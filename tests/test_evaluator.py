@@ -293,26 +293,64 @@ def test_an_edited_prepare_is_refused(harness, cache, pins, models, tmp_path):
     assert "prepare.py does not match its pin" in answer["error"]
 
 
-def test_planted_bytecode_is_never_run(harness, cache, pins, models, tmp_path):
-    """A .pyc beside handover.py, stamped so that a plain import would use it, that lets every op through: the
-    evaluator still refuses the graph calling aten.sort, because it runs the pinned source bytes."""
-    planted = tmp_path / "harness"
-    shutil.copytree(harness, planted)
-    source = planted / "handover.py"
-    evil = source.read_text() + "\ndef op_allowed(target, extra_ops=()):\n    return True\nPLANTED = True\n"
-    code = compile(evil, str(source), "exec")
+def plant_pyc(source, evil):
+    """Compiles evil in place of source's code into source's __pycache__, stamped with source's mtime and size,
+    so that an ordinary import would run it."""
     stat = source.stat()
+    code = compile(evil, str(source), "exec")
     pyc = Path(importlib.util.cache_from_source(str(source)))
     pyc.parent.mkdir(exist_ok=True)
     pyc.write_bytes(importlib._bootstrap_external._code_to_timestamp_pyc(code, int(stat.st_mtime), stat.st_size))
+
+
+def test_planted_bytecode_is_never_run(harness, cache, pins, models, tmp_path):
+    """.pyc files beside prepare.py (leaving a marker when it runs) and handover.py (letting every op through):
+    the evaluator runs the pinned source bytes, so no marker appears and the graph calling aten.sort is refused."""
+    planted, marker = tmp_path / "harness", tmp_path / "planted-prepare-ran"
+    shutil.copytree(harness, planted)
+    plant_pyc(planted / "prepare.py", f"open({str(marker)!r}, 'w').close()\n" + (planted / "prepare.py").read_text())
+    plant_pyc(planted / "handover.py", (planted / "handover.py").read_text()
+              + "\ndef op_allowed(target, extra_ops=()):\n    return True\nPLANTED = True\n")
     control = subprocess.run([sys.executable, "-c", "import handover; print(getattr(handover, 'PLANTED', False))"],
                              cwd=planted, capture_output=True, text=True, timeout=TIMEOUT)
     assert control.stdout.strip() == "True"  # the plant works on an ordinary import
     proc, answer = evaluate_cli(planted, request(models, "SortOp", cache, pins))
     assert not answer["ok"] and "torch.ops.aten.sort" in answer["error"]
+    assert not marker.exists()
 
 
 def test_a_request_without_pins_is_refused(harness):
     proc, answer = run_json([sys.executable, "-I", "-B", str(harness / "evaluator.py")],
                             stdin=json.dumps({"graph": "x", "profile": "smoke", "dataset": "sotu", "pins": {}}))
     assert proc.returncode == 2 and not answer["ok"] and "pins" in answer["error"]
+
+
+# train.py's default GPT for a profile, handed over and read back: the graph computes what the model computes.
+DEFAULT_MODEL = r'''
+import json, sys, torch
+import prepare, train, handover
+config = train.build_config(train.DEPTH, prepare.VOCAB_SIZE, prepare.MAX_SEQ_LEN)
+torch.manual_seed(0)
+model = train.GPT(config)
+model.init_weights()
+with torch.no_grad():  # init leaves the blocks as identities: give them weights so attention matters
+    for block in model.transformer.h:
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+shape = handover.eval_batch_shape(prepare.PROFILE.name, prepare.MAX_SEQ_LEN)
+handover.export_model(model, sys.argv[1], shape, prepare.VOCAB_SIZE)
+graph = handover.load_program(sys.argv[1]).module()
+x = torch.randint(0, prepare.VOCAB_SIZE, shape)
+with torch.no_grad():
+    print(json.dumps({"max_diff": (graph(x) - model(x)).abs().max().item(), "shape": list(shape)}))
+'''
+
+
+@pytest.mark.parametrize("profile", ["smoke"])  # cpu and gpu sizes: bench/evaluator.py
+def test_train_py_default_model_hands_over(cache, profile, tmp_path):
+    env = {**smoke_env(cache), "AUTORESEARCH_PROFILE": profile}
+    proc = subprocess.run([sys.executable, "-c", DEFAULT_MODEL, str(tmp_path / "model.graph")], cwd=TRAINING,
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["max_diff"] == 0.0

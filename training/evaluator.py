@@ -216,6 +216,17 @@ def probe_diff(scored, probed, cuts):
     return worst
 
 
+def load_kernel(repo):
+    """A hub kernel (FA3) from the local cache, never the network: installed third-party code, like torch."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from kernels import get_kernel
+        get_kernel(repo)
+    except Exception as e:
+        raise EvalError(f"cannot load the kernel {repo} the graph uses ({type(e).__name__}: {e}); prepare fetches "
+                        "it once, or export with PyTorch attention") from None
+
+
 def evaluate(request):
     """Runs one request (see main) and returns the result dict; raises EvalError to refuse."""
     import numpy as np
@@ -242,6 +253,8 @@ def evaluate(request):
         except OSError as e:
             raise EvalError(f"no model was handed over ({graph_path}: {e.strerror}): train.py must call "
                             "handover.export_model at the end of training") from None
+        for repo in request.get("kernels", ()):  # registers a kernel's custom ops (FA3) before the graph names them
+            load_kernel(repo)
         try:
             ep = handover.load_program(private / "model.graph", device, tuple(request.get("extra_ops", ())))
         except handover.HandoverError as e:
@@ -329,7 +342,8 @@ def evaluate(request):
 def check_request(request):
     """A request: {"graph": path of the handed-over file, "profile": name, "dataset": source, "cache": dir or null,
     "pins": {"harness": {file: sha256}, "data": {file: sha256}}, optional "device", "autocast" (bfloat16 | float16
-    | null), "extra_ops" (allowed custom op names, e.g. FA3's), "probe_seed" (tests only)}."""
+    | null), "kernels" (hub repos whose custom ops to register, e.g. FA3's), "extra_ops" (custom op names or
+    torch.ops.<namespace>.* to allow besides the allow-list), "probe_seed" (a fixed probe plan)}."""
     if not isinstance(request, dict):
         return "the request must be one JSON object"
     for key in ("graph", "profile", "dataset", "pins"):

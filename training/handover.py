@@ -116,13 +116,13 @@ def export_program(model, shape, vocab_size=None):
     return ep
 
 
-def write_program(ep, path, check=True):
+def write_program(ep, path, check=True, extra_ops=()):
     """Writes an ExportedProgram as FORMAT, atomically. check=False only for tests of the evaluator's checks."""
     from torch._export.serde.serialize import serialize
     program = json.loads(serialize(ep).exported_program)
     strip_metadata(program)
     if check:
-        check_program(program)
+        check_program(program, extra_ops)
     tensors = {"state_dict": {k: v.detach().contiguous() for k, v in ep.state_dict.items()},
                "constants": {}}
     for name, value in ep.constants.items():
@@ -147,9 +147,10 @@ def write_program(ep, path, check=True):
     return path.stat().st_size
 
 
-def export_model(model, path, shape=None, vocab_size=None):
+def export_model(model, path, shape=None, vocab_size=None, extra_ops=()):
     """Called by train.py when training ends: writes the model's forward and weights to path (atomically).
-    shape defaults to this profile's evaluation batch (EVAL_BATCH_ROWS, MAX_SEQ_LEN). Raises HandoverError
+    shape defaults to this profile's evaluation batch (EVAL_BATCH_ROWS, MAX_SEQ_LEN); extra_ops names custom ops
+    the evaluator is told to allow (FA3's namespace when it is loaded, see op_allowed). Raises HandoverError
     with a one-line reason when the model cannot be exported. Returns the file's size in bytes."""
     if shape is None or vocab_size is None:
         from prepare import PROFILE, MAX_SEQ_LEN, VOCAB_SIZE
@@ -157,7 +158,7 @@ def export_model(model, path, shape=None, vocab_size=None):
         vocab_size = vocab_size or VOCAB_SIZE
     ep = export_program(model, shape, vocab_size)
     _check_signature(ep.graph_signature)
-    return write_program(ep, path)
+    return write_program(ep, path, extra_ops=extra_ops)
 
 
 def _check_signature(sig):
@@ -196,8 +197,11 @@ def _graphs(graph):
 
 
 def op_allowed(target, extra_ops=()):
-    """target: a serialized op name such as torch.ops.aten.linear.default."""
+    """target: a serialized op name such as torch.ops.aten.linear.default. extra_ops: further names, or
+    namespaces as torch.ops.<namespace>.* (a loaded kernel's custom ops, FA3's for instance)."""
     if target in ALLOWED_OTHER or target in extra_ops:
+        return True
+    if any(e.endswith(".*") and target.startswith(e[:-1]) for e in extra_ops):
         return True
     parts = target.split(".")
     if parts[:2] != ["torch", "ops"] or len(parts) < 4:
