@@ -152,14 +152,17 @@ def test_no_network_not_even_a_loopback_server_outside(layout):
 DAEMON = """
     import os, sys, time
     fd = int(sys.argv[1])
+    ready_r, ready_w = os.pipe()
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
             os.write(fd, b'daemon up\\n')
+            os.write(ready_w, b'x')
             time.sleep({linger})   # bounded, so a failing test leaves nothing behind for long
             os._exit(0)
         os._exit(0)
     os.wait()
+    os.read(ready_r, 1)  # the daemon is up (on a busy machine it may not have run yet): now leave it behind
     {then}
 """
 
