@@ -21,7 +21,8 @@ def test_full_loop_over_stdio(workspace, prepared_cache, tmp_path):
         command=sys.executable,
         args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke",
               "--dataset", "sotu", "--cache", str(prepared_cache), "--time-budget", "2"],
-        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))},
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)),
+             "AUTORESEARCH_LOCK_DIR": os.environ["AUTORESEARCH_LOCK_DIR"]},  # the tests' own device locks
     )
     train = workspace / "training" / "train.py"
 
