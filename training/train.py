@@ -194,7 +194,8 @@ class GPT(nn.Module):
         self.x0_lambdas.fill_(0.1)
         # Rotary tables for 10x the training context, so longer inputs at inference still work
         head_dim = C // self.config.n_head
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=self.lm_head.weight.device) / head_dim))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=self.lm_head.weight.device) / head_dim
+        inv_freq = torch.exp(-math.log(10000) * exponents)  # 10000^-(2i/D)
         t = torch.arange(10 * self.config.sequence_len, dtype=torch.float32, device=inv_freq.device)
         freqs = torch.outer(t, inv_freq)[None, :, None, :]  # (1, T, 1, D/2) broadcasts over batch and heads
         self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
