@@ -40,25 +40,25 @@ def measure() -> dict:
     config = train.build_config(train.DEPTH, tokenizer.get_vocab_size(), MAX_SEQ_LEN)
     with torch.device("meta"):
         model = train.GPT(config)
-    model.to_empty(device=train.device)
-    model.init_weights(dtype=train.compute_dtype)
+    model.to_empty(device=train.DEVICE)
+    model.init_weights(dtype=train.PRECISION.dtype)
     train_model = torch.compile(model, dynamic=False) if train.COMPILE else model
-    x, y, _ = next(make_dataloader(tokenizer, train.DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=train.device))
+    x, y, _ = next(make_dataloader(tokenizer, train.DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=train.DEVICE))
     t0 = time.perf_counter()
-    with train.autocast_ctx:
+    with train.PRECISION.autocast():
         loss = train_model(x, y)
     loss.backward()  # untimed: the training graph a run has compiled before it evaluates
     model.zero_grad(set_to_none=True)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with train.autocast_ctx:
+    with train.PRECISION.autocast():
         bpb = evaluate_bpb(train_model, tokenizer, train.DEVICE_BATCH_SIZE)
     seconds = time.perf_counter() - t0
     rows, scored, _ = expected_eval(tokenizer, MAX_SEQ_LEN, EVAL_TOKENS)  # the same for every batch size
     return {"profile": PROFILE.name, "eval_seconds": seconds, "budget": PROFILE.time_budget,
             "eval_tokens": EVAL_TOKENS, "eval_rows": rows, "eval_tokens_scored": scored, "compiled": train.COMPILE,
             "warm_step_seconds": warm, "val_bpb": bpb,
-            "dtype": str(train.compute_dtype).removeprefix("torch."), "budget_in_force": TIME_BUDGET}
+            "dtype": train.PRECISION.name, "budget_in_force": TIME_BUDGET}
 
 
 def estimate() -> dict:

@@ -23,36 +23,43 @@ def measure(seconds=MEASURE_SECONDS):
     os.environ["AUTORESEARCH_PROFILE"] = "cpu"
     sys.path.insert(0, str(TRAINING_DIR))
     import torch
+    import runtime
     import train  # model and optimizer definitions; the training loop only runs when train.py is a script
 
     assert train.PROFILE.name == "cpu", f"prepare.py was already imported with profile {train.PROFILE.name}"
-    print(f"threads: {torch.get_num_threads()} | device: {train.device_type}")
+    device, precision = runtime.DEVICE, train.PRECISION
+    print(f"threads: {torch.get_num_threads()} | device: {device.type}")
     peaks = {}
     for dtype in (torch.float32, torch.bfloat16):
-        peaks[dtype] = max(train.measure_matmul_flops(dtype, size=n, seconds=0.5) for n in (512, 1024, 2048))
+        peaks[dtype] = 0.0
+        for n in (512, 1024, 2048):
+            peaks[dtype] = max(peaks[dtype], runtime.measure_matmul_flops(dtype, device.type, size=n, seconds=0.5))
+            if dtype != torch.float32 and peaks[dtype] < 0.1 * peaks[torch.float32]:
+                break  # emulated: a 2048^2 matmul would take tens of seconds to say the same
         print(f"matmul peak {str(dtype).removeprefix('torch.'):8s}: {peaks[dtype] / 1e9:7.1f} GFLOP/s")
-    peak = peaks[train.compute_dtype]
+    peak = peaks[precision.dtype]
 
     torch.manual_seed(0)
     T = train.MAX_SEQ_LEN
     config = train.build_config(train.DEPTH, train.PROFILE.vocab_size, T)
-    model = train.GPT(config).to(train.device)
-    model.init_weights(dtype=train.compute_dtype)
+    model = train.GPT(config).to(device)
+    model.init_weights(dtype=precision.dtype)
+    runtime.build_attention_masks(T, model.windows)
     optimizers = train.setup_optimizers(model)
     train_model = torch.compile(model, dynamic=False) if train.COMPILE else model
     flops_per_token = model.estimate_flops()
     grad_accum_steps = train.TOTAL_BATCH_SIZE // (train.DEVICE_BATCH_SIZE * T)
-    x = torch.randint(0, config.vocab_size, (train.DEVICE_BATCH_SIZE, T), device=train.device)
-    y = torch.randint(0, config.vocab_size, (train.DEVICE_BATCH_SIZE, T), device=train.device)
+    x = torch.randint(0, config.vocab_size, (train.DEVICE_BATCH_SIZE, T), device=device)
+    y = torch.randint(0, config.vocab_size, (train.DEVICE_BATCH_SIZE, T), device=device)
     print(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}, context {T}, "
           f"vocab {config.vocab_size} | {model.num_params() / 1e6:.2f}M params | {flops_per_token / 1e6:.1f} MFLOP/token")
     print(f"batch: {train.TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {train.DEVICE_BATCH_SIZE} x {T} "
-          f"| precision: {str(train.compute_dtype).removeprefix('torch.')}")
+          f"| precision: {precision.name}")
 
     def step():
         t0 = time.perf_counter()
         for _ in range(grad_accum_steps):
-            with train.autocast_ctx:
+            with precision.autocast():
                 loss = train_model(x, y)
             (loss / grad_accum_steps).backward()
         t1 = time.perf_counter()
@@ -78,9 +85,8 @@ def measure(seconds=MEASURE_SECONDS):
     print(f"steps: {steps} | {1000 * (fwdbwd + optim) / steps:.0f} ms/step "
           f"({1000 * fwdbwd / steps:.0f} forward+backward, {1000 * optim / steps:.0f} optimizer)")
     print(f"throughput: {tokens / (fwdbwd + optim):,.0f} tok/s | {achieved / 1e9:.1f} GFLOP/s")
-    print(f"MFU: {100 * achieved / peak:.1f}% of the measured {str(train.compute_dtype).removeprefix('torch.')} "
-          f"matmul peak ({peak / 1e9:.1f} GFLOP/s)")
-    return {"dtype": str(train.compute_dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+    print(f"MFU: {100 * achieved / peak:.1f}% of the measured {precision.name} matmul peak ({peak / 1e9:.1f} GFLOP/s)")
+    return {"dtype": precision.name, "threads": torch.get_num_threads(),
             "peak_fp32": peaks[torch.float32], "peak_bf16": peaks[torch.bfloat16], "peak": peak,
             "achieved": achieved, "mfu_percent": 100 * achieved / peak, "tokens_per_second": tokens / (fwdbwd + optim),
             "ms_per_step": 1000 * (fwdbwd + optim) / steps, "steps": steps, "params_M": model.num_params() / 1e6,
