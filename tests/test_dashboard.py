@@ -1,7 +1,6 @@
 """The live dashboard in a real browser: headless Chromium renders the page (its JavaScript included) against a
 workspace with real runs, while one is in progress and after; the DOM it leaves is what a person would see.
-
-Set AUTORESEARCH_UPDATE_SCREENSHOT=1 to write the screenshot to docs/dashboard.png (the README shows it).
+(docs/dashboard.png, the README's picture, is made by docs/dashboard_screenshot.py the same way.)
 """
 
 import json
@@ -22,7 +21,6 @@ from mcp import Client, StdioServerParameters
 
 from support import call
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "dashboard-test-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_VIRTUAL_MS = 5000  # virtual time the page gets to fetch and render (a couple of polls)
@@ -158,8 +156,6 @@ def test_dashboard_in_a_browser(workspace, prepared_cache, dashboard, tmp_path):
     assert "No run in progress." in after
     assert "cancelled" in rows(after)["r0003"]
     assert "Run r0002" in after and "+raise RuntimeError('dashboard test: a deliberate crash')" in after  # its diff
-    if os.environ.get("AUTORESEARCH_UPDATE_SCREENSHOT"):
-        shutil.copyfile(seen["shot"], ROOT / "docs" / "dashboard.png")
 
 
 def test_state_carries_delta_sigma_and_the_noise_floor(workspace):
