@@ -83,6 +83,9 @@ class Board:
                 if best is None or run["val_bpb"] < best["val_bpb"]:
                     best = run
         running = [self.live(run) for run in runs if run.get("status") in LIVE_STATUSES]
+        with self.lock:  # a finished run's reader is not needed again
+            live_ids = {run["run_id"] for run in running}
+            self.readers = {run_id: r for run_id, r in self.readers.items() if run_id in live_ids}
         return {
             "workspace": str(self.root),
             "session": None if session is None else {
