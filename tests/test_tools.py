@@ -133,6 +133,10 @@ async def test_full_loop_baseline_keep_edit_run_discard(client, workspace):
     assert baseline["metrics"]["num_steps"] > 0
     assert baseline["commit"] == base_commit  # nothing changed: the baseline trains HEAD
     assert progress and progress[-1][1] == 100.0
+    # every notification leads with the run's phase; the last says done, at 100%
+    phases = {"starting", "compiling", "warm-up", "training", "exporting", "evaluating", "done"}
+    assert all(message.split()[0] in phases for _, _, message in progress), progress
+    assert progress[-1][0] == 100.0 and progress[-1][2].startswith("done")
     assert "another" in (await refused(client, "run_experiment", description="too early")).lower()
 
     kept = await call(client, "keep", run_id=baseline["run_id"])
@@ -185,6 +189,8 @@ async def test_max_wait_returns_running_then_wait_for_run_finishes(client, works
     assert "wait_for_run" in started["next_step"]
     status = await call(client, "status")
     assert status["run_in_progress"]["run_id"] == started["run_id"]
+    assert status["run_in_progress"]["progress"]["phase"] in (
+        "starting", "compiling", "warm-up", "training", "exporting", "evaluating")
     assert "still training" in (await refused(client, "run_experiment", description="second")).lower()
     finished = await call(client, "wait_for_run", run_id=started["run_id"])
     assert finished["status"] == "succeeded"
@@ -216,3 +222,15 @@ async def test_crashed_run_needs_no_decision(client, workspace):
     assert fixed["status"] == "succeeded"
     rows = (await call(client, "results"))["rows"]
     assert [r["status"] for r in rows] == ["crash", "pending"]
+
+
+def test_too_many_epochs_per_budget_is_a_warning_in_start_session_and_status(server):
+    server.research.harness["epochs_per_budget"] = 9.4  # as prepare.py --describe would say for a small dataset
+
+    async def main():
+        async with Client(server) as client:
+            session = await call(client, "start_session", tag="epochs")
+            [warning] = session["warnings"]
+            assert "about 9 times" in warning and "larger dataset" in warning
+            assert (await call(client, "status"))["warnings"] == [warning]
+    anyio.run(main)
