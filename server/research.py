@@ -16,7 +16,7 @@ from server import harness, layout
 from server import workspace as ws
 from server.errors import WorkspaceError
 from server.gitops import TRAIN, Git
-from server.ledger import Ledger, row_status
+from server.ledger import Ledger, now_iso, row_status
 from server.models import (
     Decision,
     DiffResult,
@@ -383,20 +383,28 @@ class Research:
         source = ws.read_in_scope(self.root, TRAIN)
         preflight(source)
         self.runs.ensure_device_free()
-        if self.git.train_changed():
-            commit = self.git.commit_train(description)
-        else:
-            commit = self.git.head()
-        committed = self.git.show_file(commit, TRAIN)
-        if committed != source:  # train.py changed on disk between the check and the commit: check what runs
-            preflight(committed)
         run_id = self.ledger.next_run_id()
-        self.git.set_ref(run_id, commit)
         parent, _ = self.kept(session, runs)
-        self.runs.start(
-            run_id, commit, description, seed=seed, kind=kind, pins=pins,
-            session=session["tag"], parent=parent,
-        )
+        head = self.git.head()
+        # the fsynced "starting" record comes first: a kill -9 at any later instant leaves a record to settle
+        self.runs.announce(run_id, description, seed=seed, kind=kind, session=session["tag"], parent=parent,
+                           head=head)
+        commit = head
+        try:
+            if self.git.train_changed():
+                commit = self.git.commit_train(description)
+            committed = self.git.show_file(commit, TRAIN)
+            if committed != source:  # train.py changed on disk between the check and the commit: check what runs
+                preflight(committed)
+            self.git.set_ref(run_id, commit)
+            self.runs.start(run_id, commit, description, seed=seed, kind=kind, pins=pins, session=session["tag"],
+                            parent=parent, announced=True)
+        except BaseException as e:
+            if self.runs.get(run_id) is None:  # it never started: the record says why, and names what git holds
+                reason = str(e) if isinstance(e, WorkspaceError) else repr(e)
+                self.ledger.append({"type": "run", "id": run_id, "status": "crashed", "commit": commit,
+                                    "ended_at": now_iso(), "error": f"the run could not start: {reason}"})
+            raise
         return run_id
 
     def session_pins(self, session: dict) -> dict:

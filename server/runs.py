@@ -152,8 +152,29 @@ class RunManager:
 
     # ------------------------------------------------------------------ start
 
+    def starting_record(self, run_id: str, commit: str | None, description: str, *, seed: int, kind: str,
+                        session: str | None, parent: str | None) -> dict:
+        return {
+            "type": "run", "id": run_id, "session": session, "commit": commit, "parent": parent,
+            "description": description, "status": "starting", "kind": kind, "val_bpb": None, "metrics": {},
+            "profile": self.profile, "dataset": self.dataset, "device": self.device, "seed": seed,
+            "budget_seconds": self.budget_seconds, "timeout_seconds": self.timeout_seconds,
+            "started_at": now_iso(), "ended_at": None, "pid": None, "pgid": None, "proc_create_time": None,
+            "server_pid": os.getpid(), "server_create_time": create_time(os.getpid()),
+            "error": None, "log_tail": None, "decision": None,
+        }
+
+    def announce(self, run_id: str, description: str, *, seed: int, kind: str = "experiment",
+                 session: str | None = None, parent: str | None = None, head: str | None = None) -> None:
+        """The fsynced "starting" record, written before the run's commit is made and before any process exists:
+        from here on a kill -9 leaves a record that recover() settles (finding the commit if it was made)."""
+        record = self.starting_record(run_id, None, description, seed=seed, kind=kind, session=session,
+                                      parent=parent)
+        self.ledger.append({**record, "head_before": head})
+
     def start(self, run_id: str, commit: str, description: str, *, seed: int, kind: str = "experiment",
-              pins: dict, session: str | None = None, parent: str | None = None) -> RunHandle:
+              pins: dict, session: str | None = None, parent: str | None = None,
+              announced: bool = False) -> RunHandle:
         """Launch the train.py of `commit`. The caller holds the workspace lock."""
         if (running := self.current()) is not None:
             raise WorkspaceError(f"Run {running.run_id} is still training; wait for it or cancel it first.")
@@ -166,16 +187,10 @@ class RunManager:
         handle.log_path.write_bytes(b"")
         handle.lock = self.executor.acquire()
         try:
-            handle.record = {
-                "type": "run", "id": run_id, "session": session, "commit": commit, "parent": parent,
-                "description": description, "status": "starting", "kind": kind, "val_bpb": None, "metrics": {},
-                "profile": self.profile, "dataset": self.dataset, "device": self.device, "seed": seed,
-                "budget_seconds": self.budget_seconds, "timeout_seconds": self.timeout_seconds,
-                "started_at": now_iso(), "ended_at": None, "pid": None, "pgid": None, "proc_create_time": None,
-                "server_pid": os.getpid(), "server_create_time": create_time(os.getpid()),
-                "error": None, "log_tail": None, "decision": None,
-            }
-            self.ledger.append(dict(handle.record))  # fsynced before anything is spawned: recovery will find it
+            handle.record = self.starting_record(run_id, commit, description, seed=seed, kind=kind, session=session,
+                                                 parent=parent)
+            # fsynced before anything is spawned: recovery will find it, with the commit that runs
+            self.ledger.append({"type": "run", "id": run_id, "commit": commit} if announced else dict(handle.record))
             env = training_env(self.workspace, profile=self.profile, dataset=self.dataset, cache=self.cache,
                                budget=self.budget_seconds, result_file=handle.result_path, seed=seed)
             handle.t0, handle.wall0 = time.monotonic(), time.time()
@@ -396,6 +411,7 @@ class RunManager:
             if run.get("server_create_time") is not None and is_alive(run.get("server_pid"),
                                                                     run["server_create_time"]):
                 continue  # another live server is watching it
+            commit = self.settle_commit(run)
             result_file = str(layout.result_path(self.workspace, run["id"]))
             procs = processes_with_env(RESULT_ENV, result_file)
             pid, started = run.get("pid"), run.get("proc_create_time")
@@ -412,7 +428,23 @@ class RunManager:
             self.ledger.append({
                 "type": "run", "id": run["id"], "status": "interrupted", "val_bpb": None, "ended_at": now_iso(),
                 "error": f"the server stopped {when}; {what}. Run it again if needed.",
-                "log_tail": "\n".join(tail),
+                "log_tail": "\n".join(tail), "commit": commit,
             })
             recovered.append(run["id"])
         return recovered
+
+    def settle_commit(self, run: dict) -> str | None:
+        """The commit of a run interrupted while starting, made to agree with git: a run announced before its
+        commit ran HEAD if HEAD is a new commit on top of the head it started from, else that head. Its run ref is
+        (re)set, since the kill may have come between the commit and the ref."""
+        commit = run.get("commit")
+        try:
+            if commit is None and run.get("head_before"):
+                head = self.git.head()
+                made = head != run["head_before"] and self.git.commit_sha(f"{head}^") == run["head_before"]
+                commit = head if made else run["head_before"]
+            if commit is not None:
+                self.git.set_ref(run["id"], commit)
+        except WorkspaceError:  # a repository in a state we cannot read: the record says what we know
+            pass
+        return commit

@@ -694,3 +694,19 @@ def test_recover_leaves_a_run_of_a_live_server_alone(workspace, cache):
     assert manager(workspace, cache).recover() == []
     assert runs.is_alive(handle.pid, handle.started)
     owner.cancel("r0001")
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["after the commit", "before the commit"])
+def test_recover_finds_the_commit_of_a_run_killed_between_its_announcement_and_its_start(workspace, cache,
+                                                                                        committed):
+    """The server announces a run (fsynced) before it commits train.py; a kill -9 in between leaves a record
+    without a commit, which recovery completes from git so that the ledger and the branch agree."""
+    mgr = manager(workspace, cache)
+    head = git(workspace, "rev-parse", "HEAD")
+    mgr.announce("r0001", "killed while starting", seed=42, session="t", head=head)
+    Ledger(workspace).append({"type": "run", "id": "r0001", "server_create_time": 1.0, "server_pid": 2**22 + 2})
+    expected = commit_train(workspace, SUCCEED + "# the idea\n") if committed else head
+    assert manager(workspace, cache).recover() == ["r0001"]
+    record = Ledger(workspace).run("r0001")
+    assert record["status"] == "interrupted" and record["commit"] == expected
+    assert git(workspace, "rev-parse", "refs/autoresearch/runs/r0001") == expected
