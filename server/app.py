@@ -25,6 +25,7 @@ from server.models import (
     SessionInfo,
     Status,
 )
+from server.layout import RESULTS_NAME, TSV_HEADER
 from server.plot import progress_png
 from server.research import Research, Settings
 from server.workspace import read_in_scope
@@ -245,8 +246,8 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.resource("autoresearch://results.tsv", mime_type="text/tab-separated-values")
     def results_tsv() -> str:
         """The session's results in the upstream results.tsv format."""
-        path = research.root / "results.tsv"
-        return path.read_text() if path.exists() else "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+        path = research.root / RESULTS_NAME
+        return path.read_text() if path.exists() else TSV_HEADER
 
     @mcp.resource("autoresearch://train.py", mime_type="text/x-python")
     def train_py() -> str:
