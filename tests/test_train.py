@@ -174,6 +174,9 @@ def test_smoke_run_trains_and_reports_the_same_val_bpb_as_its_result_file(prepar
     proc = run_train(TRAIN, prepared_cache, tmp_path, budget=4)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("precision: "))
+    assert re.match(r"precision: (bf16|fp32) \| compile: False \| attention: sdpa \|", header), header
+    assert [line for line in lines if line.startswith("phase: ")][:2] == ["phase: warm-up", "phase: training"]
     progress = [line for line in lines if line.startswith("step ")]
     assert len(progress) >= 2 and all(PROGRESS_LINE.fullmatch(line) for line in progress), progress[:3]
     summary_start = lines.index("---")
