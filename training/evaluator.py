@@ -46,6 +46,10 @@ DATA_FILES = {"tokenizer.pkl": "tokenizer", "token_bytes.npy": "tokenizer", "val
 # and the tolerance is in nats, the same at every position whatever the logits' magnitude.
 PROBE_FLOOR = 1e-6
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; by the precision the graph runs in
+# Sampling: a model leaking the next token at a fraction f of (row, position) pairs escapes P probe rows with
+# probability (1 - f)^P. P is at least one row per cut position and PROBE_SHARE of the scored rows: the cpu
+# profile probes 512 rows (+25% of the evaluation's forward passes), so f = 1% is caught 99.4% of the time.
+PROBE_SHARE = 0.25
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 READ_CHUNK = 1 << 22
 PROBE_CHUNK = 512  # positions compared at once (x vocab x 8 bytes)
@@ -182,20 +186,23 @@ def val_rows(prepare, tokenizer, batch, seq_len):
     return rows, np.concatenate([next(stream)[0] for _ in range(n_batches)])
 
 
-def probe_plan(n_batches, batch, seq_len, n_rows, rng):
-    """{scored batch index: [(row in batch, donor row, cut)]}: every cut 1..seq_len-1 once (a leak at any position
-    shows at some cut), spread over randomly chosen scored batches; donors are other rows of the val set."""
-    cuts = rng.permutation(range(1, seq_len)).tolist()
-    n_probe = -(-len(cuts) // batch)
+def probe_plan(n_batches, batch, seq_len, n_rows, rows_scored, rng):
+    """{scored batch index: [[(row in batch, donor row, cut)] per probe batch]}. At least one probe row per cut
+    1..seq_len-1 (a leak at any position shows at some cut) and PROBE_SHARE of the scored rows, spread over
+    randomly chosen scored batches; donors are other rows of the val set."""
+    n_probe_rows = max(seq_len - 1, math.ceil(PROBE_SHARE * rows_scored))
+    n_probe = -(-n_probe_rows // batch)
+    cuts = []
+    while len(cuts) < n_probe * batch:
+        cuts += rng.permutation(range(1, seq_len)).tolist()
     chosen = rng.choice(n_batches, size=n_probe, replace=n_probe > n_batches).tolist()
     plan = {}
     for k, b in enumerate(chosen):
         entries = []
         for i in range(batch):
-            cut = cuts[(k * batch + i) % len(cuts)]
             donor = int(rng.integers(n_rows - 1))
             donor += donor >= b * batch + i  # never the row itself
-            entries.append((i, donor, cut))
+            entries.append((i, donor, cuts[k * batch + i]))
         plan.setdefault(b, []).append(entries)
     return plan
 
@@ -272,7 +279,7 @@ def evaluate(request):
         rows, packed = val_rows(prepare, tokenizer, B, T)
         n_batches = len(packed) // B
         rng = np.random.default_rng(request.get("probe_seed", int.from_bytes(os.urandom(8), "little")))
-        plan = probe_plan(n_batches, B, T, len(packed), rng)
+        plan = probe_plan(n_batches, B, T, len(packed), rows, rng)
         token_bytes = torch.from_numpy(tokenizer.token_bytes).to(device)
         ctx = torch.autocast(device.type, dtype=getattr(torch, precision)) if precision != "float32" else None
 

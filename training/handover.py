@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 FORMAT = "autoresearch-graph/1"
+# Set by the run manager to the file train.py hands the model over in (in the run's directory); unset when a
+# human runs train.py directly, who then gets val_bpb from prepare.evaluate_bpb in process.
+HANDOVER_ENV = "AUTORESEARCH_HANDOVER"
 
 # Rows per evaluation batch for each profile (the sequence length is the profile's MAX_SEQ_LEN). The graph is
 # exported with this static shape; which rows are scored never depends on it (the last batch is padded).
@@ -56,6 +59,12 @@ INPUT_KINDS = {"parameter", "buffer", "tensor_constant", "user_input"}
 
 class HandoverError(Exception):
     """The model cannot be handed over; the message is one line saying why and what to change."""
+
+
+def handover_path():
+    """Where train.py must hand the model over, or None when no run manager asked for it."""
+    value = os.environ.get(HANDOVER_ENV)
+    return Path(value) if value else None
 
 
 def eval_batch_shape(profile_name, seq_len):
@@ -105,6 +114,11 @@ def export_program(model, shape, vocab_size=None):
                 raise HandoverError(f"cannot hand the model to the evaluator: model(idx) returned {got}, not logits "
                                     f"{want}; with no targets, forward must return the logits tensor")
             ep = torch.export.export(_Logits(model), (idx,), strict=False)
+            if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+                   for n in ep.graph.nodes if n.op == "call_function"):
+                # in-place ops: functionalize, so those on intermediates become pure and writes to buffers
+                # or the input show in the signature (refused below, by name)
+                ep = ep.run_decompositions({})
     except HandoverError:
         raise
     except Exception as e:
@@ -152,6 +166,7 @@ def export_model(model, path, shape=None, vocab_size=None, extra_ops=()):
     shape defaults to this profile's evaluation batch (EVAL_BATCH_ROWS, MAX_SEQ_LEN); extra_ops names custom ops
     the evaluator is told to allow (FA3's namespace when it is loaded, see op_allowed). Raises HandoverError
     with a one-line reason when the model cannot be exported. Returns the file's size in bytes."""
+    print("phase: exporting", flush=True)
     if shape is None or vocab_size is None:
         from prepare import PROFILE, MAX_SEQ_LEN, VOCAB_SIZE
         shape = shape or eval_batch_shape(PROFILE.name, MAX_SEQ_LEN)
@@ -163,7 +178,8 @@ def export_model(model, path, shape=None, vocab_size=None, extra_ops=()):
 
 def _check_signature(sig):
     """The trainer-side form of check_program's signature rule, with the names of what was written."""
-    written = list(sig.buffers_to_mutate.values()) + list(sig.user_inputs_to_mutate.values())
+    written = [name.removeprefix("model.") for name in  # the _Logits wrapper's prefix
+               [*sig.buffers_to_mutate.values(), *sig.user_inputs_to_mutate.values()]]
     if written:
         raise HandoverError(f"cannot hand the model to the evaluator: forward writes to {', '.join(written)}; "
                             "the evaluator refuses graphs that change state, so compute it without storing it")
