@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
-import datasets  # noqa: E402
+import prepare_data  # noqa: E402
 import prepare  # noqa: E402
 
 SECONDS = 3.0        # per measurement
@@ -74,7 +74,7 @@ def measure(seconds=SECONDS, configs=((32, 256), (16, 2048))):
     global SECONDS
     SECONDS = seconds
     cache = prepare.get_cache_dir(os.environ.get("AUTORESEARCH_CACHE"))
-    datasets.prepare_dataset("sotu", cache)
+    prepare_data.prepare_dataset("sotu", cache)
     tok = prepare.Tokenizer.load("sotu", cache=cache)
     bos = tok.get_bos_token_id()
     sotu_tokens, sotu_offsets = prepare.load_split(tok, "train")

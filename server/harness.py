@@ -1,4 +1,4 @@
-"""The harness contract: what the frozen harness (training/prepare.py, runtime.py, datasets.py) promises the
+"""The harness contract: what the frozen harness (training/prepare.py, runtime.py, prepare_data.py) promises the
 server, and how the server holds it to that.
 
 - describe: `prepare.py --describe`, asked in a subprocess so the server never imports torch or the harness;
@@ -22,7 +22,8 @@ from server.gitops import TRAIN
 
 PREPARE = "training/prepare.py"
 HARNESS_DIR = "training"
-HARNESS_FILES = (PREPARE, "training/runtime.py", "training/datasets.py")  # pinned where present
+HARNESS_FILES = (PREPARE, "training/runtime.py", "training/prepare_data.py", "training/feeder.py", "training/handover.py",
+                 "training/evaluator.py")  # pinned where present
 DESCRIBE_TIMEOUT = 120  # seconds for `prepare.py --describe` (imports torch, hashes the val file)
 PINNED_CONSTANTS = ("max_seq_len", "eval_tokens", "vocab_size")
 # result-file key -> describe key: how much an evaluation scored must be exactly what the harness announced

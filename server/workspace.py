@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from server.errors import WorkspaceError
 from server.gitops import TRAIN
 
-IN_SCOPE = frozenset({TRAIN, "training/prepare.py", "training/runtime.py", "training/datasets.py", "program.md",
+IN_SCOPE = frozenset({TRAIN, "training/prepare.py", "training/runtime.py", "training/prepare_data.py", "program.md",
                       "README.md"})
 ALLOWED = ", ".join(sorted(IN_SCOPE))
 # Input limits: generous for real work, small enough that no single call can flood memory, disk or git.

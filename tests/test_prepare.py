@@ -1,4 +1,4 @@
-"""The frozen harness (training/prepare.py) and the prepare command (training/datasets.py): tokenizer, on-disk
+"""The frozen harness (training/prepare.py) and the prepare command (training/prepare_data.py): tokenizer, on-disk
 format, packing, the metric, downloads, errors and the CLI."""
 
 import hashlib
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "training"))
 import prepare  # noqa: E402
-import datasets  # noqa: E402
+import prepare_data  # noqa: E402
 
 SMOKE = prepare.PROFILES["smoke"]
 
@@ -324,10 +324,10 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path, smoke):
         prepare.Tokenizer.load("sotu", cache=tmp_path / "empty")
     assert "dataset sotu is not prepared: run `autoresearch-mcp prepare --dataset sotu --profile smoke`" in str(e.value)
     with pytest.raises(prepare.PrepareError, match="does not exist"):
-        datasets.prepare_dataset(str(tmp_path / "no-such-folder"), tmp_path / "cache")
+        prepare_data.prepare_dataset(str(tmp_path / "no-such-folder"), tmp_path / "cache")
     (tmp_path / "empty-folder").mkdir()
     with pytest.raises(prepare.PrepareError, match="has no non-empty .txt, .jsonl or .parquet files"):
-        datasets.prepare_dataset(str(tmp_path / "empty-folder"), tmp_path / "cache")
+        prepare_data.prepare_dataset(str(tmp_path / "empty-folder"), tmp_path / "cache")
 
 
 @pytest.fixture
@@ -351,14 +351,14 @@ def test_bad_tokenizer_pickle_is_reported_and_force_repairs_it(corruptible):
     (corruptible / "sotu" / "tokenizer_v8192" / "tokenizer.pkl").write_bytes(b"not a pickle")
     with pytest.raises(prepare.PrepareError, match="corrupt cache .*cannot load the tokenizer.*--force"):
         prepare.Tokenizer.load("sotu", cache=corruptible)
-    datasets.prepare_dataset("sotu", corruptible, force=True)
+    prepare_data.prepare_dataset("sotu", corruptible, force=True)
     assert prepare.Tokenizer.load("sotu", cache=corruptible).decode([72, 105]) == "Hi"
 
 
 def test_offline_download_fails_at_once_naming_the_repo_url_and_the_alternatives(tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(datasets, "HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
-    with pytest.raises(datasets.OfflineError) as e:
-        datasets.prepare_dataset("climbmix", tmp_path, num_shards=1)
+    monkeypatch.setattr(prepare_data, "HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(prepare_data.OfflineError) as e:
+        prepare_data.prepare_dataset("climbmix", tmp_path, num_shards=1)
     message = str(e.value)
     assert "'climbmix'" in message and "http://127.0.0.1:9/datasets/karpathy/climbmix-400b-shuffle" in message
     assert "--dataset sotu" in message and "--dataset /path/to/folder" in message
@@ -376,15 +376,15 @@ def test_the_cli_names_the_offline_alternatives_in_one_line(tmp_path):
 
 def test_downloaded_shards_already_in_the_cache_need_no_network(tmp_path, monkeypatch):
     """climbmix's code path on local data: shards present in raw/ are used as they are, never fetched again."""
-    monkeypatch.setattr(datasets, "HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(prepare_data, "HF_ENDPOINT", "http://127.0.0.1:9")
     raw = tmp_path / "climbmix" / "raw"
     raw.mkdir(parents=True)
     words = "data flows through the shards of a mixture of web text and code".split()
     rng = np.random.default_rng(1)
     texts = lambda n: [" ".join(rng.choice(words, int(rng.integers(50, 300)))) for _ in range(n)]
     pq.write_table(pa.table({"text": texts(60)}), raw / "shard_00000.parquet")
-    pq.write_table(pa.table({"text": texts(10)}), raw / f"shard_{datasets.CLIMBMIX_VAL_SHARD:05d}.parquet")
-    datasets.prepare_dataset("climbmix", tmp_path, num_shards=1)
+    pq.write_table(pa.table({"text": texts(10)}), raw / f"shard_{prepare_data.CLIMBMIX_VAL_SHARD:05d}.parquet")
+    prepare_data.prepare_dataset("climbmix", tmp_path, num_shards=1)
     tok = prepare.Tokenizer.load("climbmix", cache=tmp_path)
     meta = json.loads((tmp_path / "climbmix" / "tokens_v8192" / "meta.json").read_text())
     assert meta["splits"]["train"]["docs"] == 60 and meta["splits"]["val"]["docs"] == 10
@@ -402,7 +402,7 @@ def test_local_folder_of_txt_jsonl_and_parquet(tmp_path, smoke):
     (folder / "a.txt").write_text(story(0))
     (folder / "b.jsonl").write_text("\n".join(json.dumps({"text": story(i)}) for i in range(1, 40)) + "\n")
     pq.write_table(pa.table({"text": [story(i) for i in range(40, 43)]}), folder / "c.parquet")
-    data_dir = datasets.prepare_dataset(str(folder), tmp_path / "cache")
+    data_dir = prepare_data.prepare_dataset(str(folder), tmp_path / "cache")
     assert data_dir.name.startswith("local-my-data-") and len(data_dir.name) == len("local-my-data-") + 8
     tok = prepare.Tokenizer.load(str(folder), cache=tmp_path / "cache")
     meta = json.loads((data_dir / "tokens_v8192" / "meta.json").read_text())
@@ -414,10 +414,10 @@ def test_local_folder_of_txt_jsonl_and_parquet(tmp_path, smoke):
 
 
 def test_parquet_row_ranges_split_like_the_tinystories_card(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "PARQUET_BATCH_ROWS", 7)  # ranges straddle batch boundaries
+    monkeypatch.setattr(prepare_data, "PARQUET_BATCH_ROWS", 7)  # ranges straddle batch boundaries
     path = tmp_path / "stories.parquet"
     pq.write_table(pa.table({"text": [f"story {i}" for i in range(50)]}), path)
-    rows = lambda *bounds: [t for batch in datasets.parquet_texts(path, *bounds) for t in batch]
+    rows = lambda *bounds: [t for batch in prepare_data.parquet_texts(path, *bounds) for t in batch]
     assert rows(10, 20) == [f"story {i}" for i in range(10, 20)]
     assert rows(20) == [f"story {i}" for i in range(20, 50)]
 

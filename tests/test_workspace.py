@@ -352,9 +352,9 @@ def test_harness_pins(ws):
                     "profile": {"name": "cpu", "max_seq_len": 256}, "val_fingerprint": "f00",
                     "amounts": {"rows_evaluated": 64, "tokens_evaluated": 16384}}
     assert harness_changes(ws, pins) == []
-    (ws / "training/datasets.py").write_text("# appeared\n")
+    (ws / "training/prepare_data.py").write_text("# appeared\n")
     (ws / "training/runtime.py").write_text("# edited\n")
-    assert harness_changes(ws, pins) == ["training/datasets.py", "training/runtime.py"]
+    assert harness_changes(ws, pins) == ["training/prepare_data.py", "training/runtime.py"]
     # a session pinned before runtime.py was pinned checks prepare.py alone
     assert harness_changes(ws, {"prepare_sha256": sha}) == []
 

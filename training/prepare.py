@@ -1,9 +1,9 @@
 """
 The frozen harness that train.py imports: profiles and settings, the tokenizer, the data loader and the metric.
 The agent may read this file, never change it. Preparing data (sources, downloads, tokenizer training) lives in
-datasets.py; device utilities in runtime.py.
+prepare_data.py; device utilities in runtime.py.
 
-Usage (the prepare command, implemented in datasets.py):
+Usage (the prepare command, implemented in prepare_data.py):
     python training/prepare.py --dataset sotu --profile cpu  # the offline default: no download at all
     python training/prepare.py --dataset climbmix --num-shards 8
     python training/prepare.py --dataset /path/to/folder     # your own .txt / .jsonl / .parquet files
@@ -160,7 +160,7 @@ MAX_SEQ_LEN, EVAL_TOKENS, VOCAB_SIZE = PROFILE.max_seq_len, PROFILE.eval_tokens,
 CACHE_DIR, DATASET_SOURCE, DATASET = SETTINGS.cache_dir, SETTINGS.dataset_source, SETTINGS.dataset
 
 # ---------------------------------------------------------------------------
-# Tokenizer and the on-disk format (written by datasets.py)
+# Tokenizer and the on-disk format (written by prepare_data.py)
 # ---------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
@@ -496,5 +496,5 @@ def _check_causal(model, x, logits):
                            "(check the attention mask). val_bpb would measure a leak, not learning.")
 
 if __name__ == "__main__":  # the prepare command
-    from datasets import main
+    from prepare_data import main
     sys.exit(main())
