@@ -257,25 +257,9 @@ def _check_hello(hello, max_batch_tokens=MAX_BATCH_TOKENS):
     return B, T
 
 
-def _producer(batches, q, stop):
-    """Packs batches ahead of requests in a thread (numpy releases the GIL for the copies)."""
-    try:
-        for item in batches:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if stop.is_set():
-                return
-    except BaseException as e:
-        q.put(e)
-
-
 def serve(sock, open_batches, feeder):
     """Serve one trainer on sock until the budget ends or the trainer goes away. open_batches(B, T) returns the
-    infinite iterator of (int64 [B, T+1] array, epoch): prepare's packer over the train split."""
+    infinite generator of (int64 [B, T+1] array, epoch): prepare's packer over the train split, prefetched."""
     try:
         hello, _ = _recv_json(sock)
         B, T = _check_hello(hello)
@@ -291,8 +275,6 @@ def serve(sock, open_batches, feeder):
     except Exception as e:  # not prepared, corrupt cache: the trainer's log gets the same one-line reason
         _send_json(sock, {"ok": False, "error": str(e)})
         raise
-    q, stop = queue.Queue(maxsize=PREFETCH), threading.Event()
-    threading.Thread(target=_producer, args=(batches, q, stop), daemon=True, name="feeder-pack").start()
     slot_tokens = B * (T + 1)
     shm_fd = _shared_memory(SLOTS * slot_tokens * TOKEN_DTYPE().itemsize)
     ring = np.frombuffer(mmap.mmap(shm_fd, SLOTS * slot_tokens * TOKEN_DTYPE().itemsize), dtype=TOKEN_DTYPE)
@@ -318,16 +300,13 @@ def serve(sock, open_batches, feeder):
             if kind == END:  # said once; then the socket closes, so any further request meets EOF
                 sock.sendall(REPLY.pack(END, -1, feeder.epoch, feeder.elapsed(time.monotonic()), feeder.tokens))
                 return
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            batch, epoch = item
+            batch, epoch = next(batches)
             np.copyto(ring[slot], batch, casting="unsafe")
             served += 1
             feeder.epoch = epoch
             sock.sendall(REPLY.pack(kind, slot, epoch, feeder.elapsed(time.monotonic()), feeder.tokens))
     finally:
-        stop.set()
+        batches.close()  # stops the packing thread
 
 
 def _timer(feeder, done):
@@ -357,7 +336,8 @@ def main(argv=None):
     def open_batches(B, T):
         tokenizer = prepare.Tokenizer.load()
         tokens, offsets = prepare.load_split(tokenizer, "train")  # the train split: nothing else, ever
-        return prepare.packed_batches(tokens, offsets, B, T, tokenizer.get_bos_token_id(), settings.seed)
+        packed = prepare.packed_batches(tokens, offsets, B, T, tokenizer.get_bos_token_id(), settings.seed)
+        return prepare._prefetch(packed, PREFETCH)  # packed in a thread, ahead of requests
 
     done = threading.Event()
     threading.Thread(target=_timer, args=(feeder, done), daemon=True, name="feeder-timer").start()
