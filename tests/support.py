@@ -1,7 +1,12 @@
-"""Helpers the tests share: a git query, a tool call that must succeed, and the ledger read independently."""
+"""Helpers the tests share: a git query, a tool call that must succeed, the ledger read independently, and whether
+a device's machine-wide lock is free."""
 
+import fcntl
 import json
+import os
 import subprocess
+
+from server.executor import lock_path
 
 
 def git(workspace, *args) -> str:
@@ -26,3 +31,18 @@ def ledger_runs(workspace) -> dict:
         if record.get("type") == "run":
             runs.setdefault(record["id"], {}).update(record)
     return runs
+
+
+def device_lock_is_free(device: str = "cpu") -> bool:
+    """Whether the machine-wide lock of this device (in the tests' own folder, AUTORESEARCH_LOCK_DIR) is free."""
+    path = lock_path(device)
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

@@ -6,7 +6,6 @@ evaluate_bpb, or plain Python that never imports torch where the fault happens b
 reports to the `tally` fixture (tests/tally.py), which checks at the end that no run record was lost.
 """
 
-import fcntl
 import json
 import logging
 import os
@@ -24,10 +23,9 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 from server import workspace as ws_module
 from server.app import create_server
 from server.cli import create_workspace
-from server.executor import lock_path
 from server.layout import LOCK_DIR_ENV
 from server.research import Settings
-from support import call, git, ledger_runs
+from support import call, device_lock_is_free, git, ledger_runs
 
 BUDGET = 2.0
 
@@ -146,21 +144,6 @@ def wait_until(predicate, timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.05)
-
-
-def device_free(device: str = "cpu") -> bool:
-    """Whether the machine-wide lock of this device (in the tests' own lock folder) is free."""
-    path = lock_path(device)
-    if not path.exists():
-        return True
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def server_env(tmp_path) -> dict:
@@ -489,7 +472,7 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
     assert started["status"] == "running"
     main, child = read_pids(pids)
     # the run's launcher saw its server die and took the run down: no orphan trains on, none holds the device
-    wait_until(lambda: not alive(main) and not alive(child) and device_free())
+    wait_until(lambda: not alive(main) and not alive(child) and device_lock_is_free())
     assert ledger_runs(workspace)[started["run_id"]]["status"] == "running"  # until the next server settles it
 
     async def second_server(client):
@@ -885,7 +868,7 @@ def test_kill_9_at_any_instant_of_a_start_leaves_ledger_git_and_device_lock_in_a
             if isinstance(first_leaf(e), (AssertionError, KeyboardInterrupt, pytest.fail.Exception)):
                 raise first_leaf(e) from None
         # without any server: whatever was launched is taken down by its launcher, and the device is free
-        wait_until(lambda: not run_processes_alive(workspace) and device_free())
+        wait_until(lambda: not run_processes_alive(workspace) and device_lock_is_free())
         tally.fault_survived()
 
     async def next_server(client):

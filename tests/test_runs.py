@@ -5,7 +5,6 @@ the metric comes only from the result file, crashes are explained, timeouts and 
 behind, one run holds a device at a time across processes, and a server killed mid-run is cleaned up on restart.
 """
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from server.executor import lock_path
 from server.gitops import Git
 from server.ledger import Ledger
 from server.runs import RunManager
+from support import device_lock_is_free
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE_SOURCE = "# the frozen harness (a stand-in: the fake train.py below never imports it)\nMAX_SEQ_LEN = 128\n"
@@ -162,18 +162,6 @@ def dead(pid):
     return not runs.is_alive(pid, None)
 
 
-def lock_is_free(cache, device="cpu"):
-    """The device lock is machine-wide (the tests' own folder, AUTORESEARCH_LOCK_DIR): the cache plays no part."""
-    fd = os.open(lock_path(device), os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def wait_until(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -209,7 +197,7 @@ def test_a_successful_run_takes_val_bpb_from_the_result_file_and_metrics_from_th
     running = ledger.records()[1]
     assert running["pid"] == running["pgid"] and start_record["session"] == "t"
     assert mgr.current() is None
-    assert lock_is_free(cache)
+    assert device_lock_is_free()
     assert mgr.progress("r0001")["step"] == 2
     assert mgr.progress("r0001")["phase"] == "done" and mgr.progress("r0001")["percent"] == 100.0
 
@@ -355,7 +343,7 @@ def test_the_hard_timeout_kills_the_run(workspace, cache):
     record = anyio.run(mgr.wait, "r0001", None, None)
     assert record["status"] == "timed_out" and record["val_bpb"] is None
     assert "hard timeout" in record["error"]
-    assert dead(handle.pid) and lock_is_free(cache)
+    assert dead(handle.pid) and device_lock_is_free()
 
 
 def test_there_is_no_single_hard_timeout_by_default_but_a_watchdog_per_phase(workspace, cache):
@@ -380,7 +368,7 @@ def test_a_hung_phase_is_killed_by_its_own_watchdog_with_a_message_naming_it(wor
     assert record["status"] == "timed_out" and record["val_bpb"] is None
     assert f"the {phase} phase ran past its" in record["error"]
     assert "busy machine" in record["error"] and runs.WATCHDOG_FACTOR_ENV in record["error"]
-    assert cause in record["error"] and lock_is_free(cache)
+    assert cause in record["error"] and device_lock_is_free()
 
 
 def test_the_watchdog_factor_gives_every_phase_more_time(workspace, cache, monkeypatch):
@@ -487,7 +475,7 @@ def test_a_child_process_that_outlives_train_py_is_killed(workspace, cache, spaw
     record = anyio.run(mgr.wait, "r0001", None, None)
     assert record["status"] == ("succeeded" if ending == "succeeds" else "timed_out")
     assert dead(child)
-    assert lock_is_free(cache)
+    assert device_lock_is_free()
 
 
 WAITS_FOR_CANCEL = """
@@ -506,7 +494,7 @@ def test_cancel_stops_the_run_and_everything_it_started(workspace, cache):
     record = mgr.cancel("r0001")
     assert record["status"] == "cancelled" and record["val_bpb"] is None
     assert Ledger(workspace).run("r0001")["status"] == "cancelled"
-    assert dead(handle.pid) and dead(child) and lock_is_free(cache)
+    assert dead(handle.pid) and dead(child) and device_lock_is_free()
     assert mgr.current() is None
     assert mgr.cancel("r0001")["status"] == "cancelled"  # cancelling again changes nothing
 
@@ -539,7 +527,7 @@ def test_shutdown_stops_the_current_run_as_interrupted(workspace, cache):
     handle = start(mgr, WAITS_FOR_CANCEL)
     mgr.shutdown()
     assert Ledger(workspace).run("r0001")["status"] == "interrupted"
-    assert dead(handle.pid) and lock_is_free(cache)
+    assert dead(handle.pid) and device_lock_is_free()
 
 
 # ------------------------------------------------------------------------------------------------ one run at a time
@@ -641,7 +629,7 @@ def test_a_killed_server_takes_its_run_down_and_the_next_one_records_it_interrup
     server.kill()  # SIGKILL: no cleanup of any kind in the server
     server.wait()
     # the launcher sees its server gone and takes the whole run down: no orphan keeps the device
-    wait_until(lambda: dead(launcher) and dead(child) and lock_is_free(cache), timeout=30)
+    wait_until(lambda: dead(launcher) and dead(child) and device_lock_is_free(), timeout=30)
     assert Ledger(workspace).run("r0001")["status"] == "running"  # until a server settles it
 
     mgr = manager(workspace, cache)
