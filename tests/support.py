@@ -1,10 +1,12 @@
-"""Helpers the tests share: a git query, a tool call that must succeed, the ledger read independently, and whether
-a device's machine-wide lock is free."""
+"""Helpers the tests share: a git query, a tool call that must succeed, the ledger read independently, whether
+a device's machine-wide lock is free, and waiting for a server process to listen."""
 
 import fcntl
 import json
 import os
+import socket
 import subprocess
+import time
 
 from server.executor import lock_path
 
@@ -46,3 +48,15 @@ def device_lock_is_free(device: str = "cpu") -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def wait_for_port(process, port: int, timeout: float = 60.0) -> None:
+    """Until something listens on 127.0.0.1:port; the server process must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.2)

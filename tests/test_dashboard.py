@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from support import call
+from support import call, wait_for_port
 
 TOKEN = "dashboard-test-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -74,14 +73,7 @@ def dashboard(workspace, tmp_path):
     first_line = process.stderr.readline()
     url = re.search(r"http://\S+/", first_line)
     assert url and url.group(0) == f"http://127.0.0.1:{port}/", first_line
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.2)
+    wait_for_port(process, port)
     yield url.group(0)
     process.terminate()
     process.wait(timeout=10)

@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from support import wait_for_port
+
 
 TOKEN = "s3cret-token-for-tests"
 INITIALIZE = json.dumps({
@@ -96,14 +98,7 @@ def test_prints_its_url_and_serves_the_dashboard_at_the_root(workspace, prepared
         first_line = process.stderr.readline()
         assert f"http://127.0.0.1:{port}/mcp" in first_line, first_line
         assert f"dashboard http://127.0.0.1:{port}/" in first_line
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_for_port(process, port)
 
         def get(path, headers):
             try:
