@@ -619,13 +619,19 @@ time.sleep(1000)
 """ % (PROFILE, FINGERPRINT)
 
 
-def test_a_killed_server_takes_its_run_down_and_the_next_one_records_it_interrupted(workspace, cache):
+def server_with_a_run(workspace, cache):
+    """A server process that started a run (whose train.py escapes a child into its own session) and then
+    sleeps, waiting to be killed: returns the server, the run's launcher pid and the escaped child's pid."""
     commit = commit_train(workspace, WAITS_FOR_CANCEL)
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(workspace), str(cache), commit, pins(workspace)["prepare_sha256"]],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     launcher = int(server.stdout.readline())
-    child = read_pid(workspace / "child.pid")  # escaped into its own session
+    return server, launcher, read_pid(workspace / "child.pid")
+
+
+def test_a_killed_server_takes_its_run_down_and_the_next_one_records_it_interrupted(workspace, cache):
+    server, launcher, child = server_with_a_run(workspace, cache)  # child: escaped into its own session
     server.kill()  # SIGKILL: no cleanup of any kind in the server
     server.wait()
     # the launcher sees its server gone and takes the whole run down: no orphan keeps the device
@@ -643,12 +649,7 @@ def test_a_killed_server_takes_its_run_down_and_the_next_one_records_it_interrup
 
 def test_recover_kills_what_a_dead_server_left_when_its_launcher_died_too(workspace, cache):
     """The launcher killed with its server (kill -9 of both): recovery still finds the run by its environment."""
-    commit = commit_train(workspace, WAITS_FOR_CANCEL)
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(workspace), str(cache), commit, pins(workspace)["prepare_sha256"]],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    launcher = int(server.stdout.readline())
-    child = read_pid(workspace / "child.pid")
+    server, launcher, child = server_with_a_run(workspace, cache)
     os.kill(launcher, signal.SIGKILL)
     server.kill()
     server.wait()
