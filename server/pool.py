@@ -1,0 +1,238 @@
+"""The device pool of `serve --devices auto|cuda:0,cuda:1|cpu:N`: which slots runs may train on, what each run's
+environment gets so it stays on its slot, and the machine-wide locks a slot takes.
+
+- `cuda:K` is one slot per listed GPU; its run sees only that GPU (CUDA_VISIBLE_DEVICES=K, so torch calls it cuda:0).
+- `cpu:N` splits this machine's cores into N slots of consecutive cores; a run's torch threads are set to its
+  slot's core count (OMP_NUM_THREADS and friends) and the launcher is pinned to those cores where the OS allows.
+- `auto` is every local GPU (found without importing torch: nvidia-smi -L, else /proc/driver/nvidia/gpus), else
+  one CPU slot of all cores.
+
+Locks: a GPU slot takes the lock of its GPU (`cuda:K`, the name server/executor.py always used). A CPU slot takes one
+lock per core it uses (`cpu0`, `cpu1`, ...), all or none (the one slot of `cpu:1` also takes the whole machine's
+`cpu` lock, as servers always did): two servers that share `cpu:2` take the same two core
+locks, and a server with `cpu:1` (every core) excludes both, so the cores are never oversubscribed whatever pools
+the servers on this machine were started with. The locks are flocks held by each run's launcher (one descriptor
+per lock passed to it), so a dead holder frees them by itself.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import WorkspaceError
+from server.executor import DeviceLock, acquire_device
+
+AUTO = "auto"
+CPU_LOCK = "cpu{}"  # one lock per core
+# Variables that size a CPU run's thread pools (torch reads OMP_NUM_THREADS; the BLAS libraries their own).
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+              "NUMEXPR_NUM_THREADS")
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+NVIDIA_SMI_TIMEOUT = 10  # seconds; a wedged driver must not hang the server's start
+DEVICES_HELP = ("pass --devices auto (every local GPU, else one CPU slot), --devices cuda:0,cuda:1 (those GPUs) or "
+                "--devices cpu:N (this machine's cores split into N slots)")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place a run can train: `name` is what the ledger and status show, `device` the torch device type the
+    run uses, `locks` the machine-wide lock names it holds, `env` what its run's environment gets."""
+
+    name: str
+    device: str
+    locks: tuple[str, ...]
+    env: dict = field(default_factory=dict, hash=False, compare=False)
+    cores: tuple[int, ...] | None = None  # CPU affinity of the run, None to leave it
+
+
+@dataclass
+class SlotLock:
+    """The held locks of one slot: what the launcher inherits (fds) and releases by dying."""
+
+    slot: Slot
+    locks: list[DeviceLock]
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(lock.fd for lock in self.locks)
+
+    @property
+    def fd(self) -> int:  # the DeviceLock interface: the first lock names the holder
+        return self.locks[0].fd
+
+    @property
+    def device(self) -> str:
+        return self.slot.name
+
+    @property
+    def path(self) -> Path:
+        return self.locks[0].path
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+    def describe_holder(self, info: dict) -> None:
+        for lock in self.locks:
+            lock.describe_holder(info)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (a container or taskset may give it fewer than the machine has)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity: every core
+        return list(range(os.cpu_count() or 1))
+
+
+def local_gpus() -> list[int]:
+    """Indices of this machine's NVIDIA GPUs, without importing torch: nvidia-smi -L, else the driver's /proc
+    folder. An empty list when there are none (or no NVIDIA driver)."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT).stdout
+            found = [int(m.group(1)) for m in re.finditer(r"^GPU (\d+):", out, re.MULTILINE)]
+            if found:
+                return found
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        return list(range(len(list(NVIDIA_PROC.iterdir()))))
+    except OSError:
+        return []
+
+
+def cpu_slots(count: int, cores: list[int] | None = None) -> list[Slot]:
+    """`count` slots of consecutive cores, as even as the cores allow (the first slots get one more)."""
+    cores = usable_cores() if cores is None else cores
+    if count > len(cores):
+        raise WorkspaceError(f"--devices cpu:{count} asks for {count} slots but this machine gives the server "
+                             f"{len(cores)} core(s); pass --devices cpu:{len(cores)} or fewer.")
+    slots, start = [], 0
+    for i in range(count):
+        size = len(cores) // count + (1 if i < len(cores) % count else 0)
+        mine = tuple(cores[start:start + size])
+        start += size
+        threads = str(len(mine))
+        name = "cpu" if count == 1 else f"cpu:{i}"
+        # the whole-machine slot also takes the `cpu` lock every earlier server took, which names it as the holder
+        locks = (("cpu",) if count == 1 else ()) + tuple(CPU_LOCK.format(c) for c in mine)
+        slots.append(Slot(name=name, device="cpu", locks=locks,
+                          env={**dict.fromkeys(THREAD_ENV, threads), "CUDA_VISIBLE_DEVICES": ""}, cores=mine))
+    return slots
+
+
+def gpu_slot(index: int) -> Slot:
+    return Slot(name=f"cuda:{index}", device="cuda", locks=(f"cuda:{index}",),
+                env={"CUDA_VISIBLE_DEVICES": str(index)})
+
+
+def parse_devices(value: str | None, gpus: list[int] | None = None, cores: list[int] | None = None) -> list[Slot]:
+    """The slots of a --devices value; WorkspaceError in one line for a bad one. `gpus` and `cores` stand in for
+    this machine's (tests)."""
+    text = (value or AUTO).strip().lower()
+    if text == AUTO:
+        found = local_gpus() if gpus is None else gpus
+        return [gpu_slot(i) for i in found] if found else cpu_slots(1, cores)
+    if m := re.fullmatch(r"cpu(?::(\d+))?", text):
+        count = int(m.group(1) or 1)
+        if count < 1:
+            raise WorkspaceError(f"--devices {value}: at least one slot; {DEVICES_HELP}.")
+        return cpu_slots(count, cores)
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"cuda:\d+", p) for p in parts):
+        raise WorkspaceError(f"--devices {value!r} is not understood; {DEVICES_HELP}.")
+    indices = [int(p.split(":")[1]) for p in parts]
+    if len(set(indices)) != len(indices):
+        raise WorkspaceError(f"--devices {value}: a GPU is listed twice; list each once (e.g. cuda:0,cuda:1).")
+    found = local_gpus() if gpus is None else gpus
+    if missing := [i for i in indices if i not in found]:
+        have = ", ".join(f"cuda:{i}" for i in found) or "none"
+        raise WorkspaceError(f"--devices {value}: no GPU {', '.join(f'cuda:{i}' for i in missing)} on this machine "
+                             f"(found: {have}); `nvidia-smi -L` lists them.")
+    return [gpu_slot(i) for i in indices]
+
+
+# ---------------------------------------------------------------- the pool
+
+
+class Pool:
+    """The slots of one server. A slot is free when every one of its machine-wide locks is free; any server on
+    this machine may hold it."""
+
+    def __init__(self, slots: list[Slot]):
+        if not slots:
+            raise WorkspaceError(f"The device pool is empty; {DEVICES_HELP}.")
+        self.slots = list(slots)
+
+    @classmethod
+    def from_devices(cls, value: str | None) -> "Pool":
+        return cls(parse_devices(value))
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def device(self) -> str:
+        """The torch device type the pool's runs use (a pool is all GPUs or all CPU slots)."""
+        return self.slots[0].device
+
+    def describe(self) -> str:
+        return ", ".join(s.name for s in self.slots)
+
+    def try_slot(self, slot: Slot) -> SlotLock | None:
+        """All of the slot's locks, or None (nothing held) when any of them is taken."""
+        held: list[DeviceLock] = []
+        try:
+            for name in slot.locks:
+                held.append(acquire_device(name))
+        except WorkspaceError:
+            for lock in held:
+                lock.release()
+            return None
+        return SlotLock(slot, held)
+
+    def acquire(self) -> SlotLock | None:
+        """The first free slot, held; None when every slot is busy (here or in another server)."""
+        for slot in self.slots:
+            if (held := self.try_slot(slot)) is not None:
+                return held
+        return None
+
+    def busy_error(self) -> WorkspaceError:
+        """Why nothing is free, naming who holds the first slot (the executor's busy message)."""
+        slot = self.slots[0]
+        for name in slot.locks:
+            try:
+                acquire_device(name).release()
+            except WorkspaceError as e:
+                if self.size == 1:
+                    return e
+                return WorkspaceError(f"All {self.size} device slots ({self.describe()}) are busy. {e}")
+        return WorkspaceError(f"All {self.size} device slots ({self.describe()}) are busy.")
+
+
+def run_env(env: dict, slot: Slot) -> dict:
+    """A run's environment on its slot."""
+    return {**env, **slot.env}
+
+
+def pin_to_cores(pid: int, slot: Slot) -> None:
+    """Keep a CPU run on its slot's cores: the launcher's affinity is inherited by everything it starts after this
+    (it spawns its first child only after its imports, long after Popen returned). Best effort: macOS has no
+    affinity, and a core this process may not use is left alone."""
+    if slot.cores is None or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(pid, slot.cores)
+    except OSError as e:
+        print(f"autoresearch: could not pin run to cores {slot.cores}: {e}", file=sys.stderr)

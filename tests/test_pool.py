@@ -1,0 +1,177 @@
+"""The device pool (server/pool.py): parsing --devices, each slot's run environment, the machine-wide lock names, and
+that servers sharing a pool never run more runs at once than it has slots."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from server import pool
+from server.errors import WorkspaceError
+from server.pool import Pool, parse_devices
+
+FOUR_CORES = [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_cpu_n_splits_the_cores_into_n_slots_with_their_threads_set():
+    slots = parse_devices("cpu:2", cores=FOUR_CORES)
+    assert [s.name for s in slots] == ["cpu:0", "cpu:1"]
+    assert [s.cores for s in slots] == [(0, 1), (2, 3)]
+    assert all(s.device == "cpu" for s in slots)
+    assert slots[0].env["OMP_NUM_THREADS"] == "2" and slots[0].env["MKL_NUM_THREADS"] == "2"
+    assert slots[0].env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU slot never wanders onto a GPU
+    uneven = parse_devices("cpu:3", cores=[0, 1, 2, 3, 4])
+    assert [s.cores for s in uneven] == [(0, 1), (2, 3), (4,)]
+    assert [s.env["OMP_NUM_THREADS"] for s in uneven] == ["2", "2", "1"]
+
+
+def test_auto_is_every_gpu_else_one_cpu_slot_of_every_core():
+    assert [s.name for s in parse_devices("auto", gpus=[0, 1], cores=FOUR_CORES)] == ["cuda:0", "cuda:1"]
+    (only,) = parse_devices("auto", gpus=[], cores=FOUR_CORES)
+    assert only.name == "cpu" and only.cores == (0, 1, 2, 3) and only.env["OMP_NUM_THREADS"] == "4"
+    assert parse_devices(None, gpus=[], cores=FOUR_CORES) == parse_devices("cpu", gpus=[], cores=FOUR_CORES)
+
+
+def test_a_gpu_slot_sees_only_its_gpu():
+    slots = parse_devices("cuda:1, cuda:3", gpus=[0, 1, 2, 3])
+    assert [(s.name, s.device, s.env) for s in slots] == [
+        ("cuda:1", "cuda", {"CUDA_VISIBLE_DEVICES": "1"}), ("cuda:3", "cuda", {"CUDA_VISIBLE_DEVICES": "3"})]
+    assert [s.locks for s in slots] == [("cuda:1",), ("cuda:3",)]  # the names executor.py always used
+
+
+@pytest.mark.parametrize("value, says", [
+    ("gpu", "not understood"),
+    ("cuda:0,cpu:1", "not understood"),
+    ("cpu:0", "at least one slot"),
+    ("cpu:9", "cpu:4 or fewer"),
+    ("cuda:0,cuda:0", "listed twice"),
+    ("cuda:7", "no GPU cuda:7"),
+])
+def test_a_bad_value_says_what_to_pass_in_one_line(value, says):
+    with pytest.raises(WorkspaceError) as bad:
+        parse_devices(value, gpus=[0, 1], cores=FOUR_CORES)
+    assert says in str(bad.value) and "\n" not in str(bad.value)
+    assert "--devices" in str(bad.value)
+
+
+def test_local_gpus_reads_the_driver_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool.shutil, "which", lambda name: None)  # no nvidia-smi: the /proc folder counts
+    (tmp_path / "0000:01:00.0").mkdir()
+    (tmp_path / "0000:02:00.0").mkdir()
+    monkeypatch.setattr(pool, "NVIDIA_PROC", tmp_path)
+    assert pool.local_gpus() == [0, 1]
+    monkeypatch.setattr(pool, "NVIDIA_PROC", tmp_path / "absent")
+    assert pool.local_gpus() == []
+    assert "import torch" not in open(pool.__file__).read()
+
+
+# ---------------------------------------------------------------- locks
+
+
+def test_lock_names_are_per_core_so_any_two_pools_agree():
+    two = parse_devices("cpu:2", cores=[0, 1])
+    one = parse_devices("cpu:1", cores=[0, 1])
+    assert [s.locks for s in two] == [("cpu0",), ("cpu1",)]
+    assert one[0].locks == ("cpu", "cpu0", "cpu1")  # the whole machine, and the lock earlier servers took
+
+
+def test_two_servers_sharing_cpu_2_hold_at_most_two_slots():
+    a, b = Pool(parse_devices("cpu:2", cores=[0, 1])), Pool(parse_devices("cpu:2", cores=[0, 1]))
+    first, second = a.acquire(), b.acquire()
+    assert first is not None and second is not None and first.slot != second.slot
+    assert a.acquire() is None and b.acquire() is None  # flock: separate opens conflict, even in one process
+    assert "busy" in str(b.busy_error())
+    first.release()
+    third = b.acquire()
+    assert third is not None and third.slot == first.slot
+    whole = Pool(parse_devices("cpu:1", cores=[0, 1]))
+    assert whole.acquire() is None  # the whole machine waits for both cores
+    second.release(), third.release()
+    held = whole.acquire()
+    assert held is not None and a.acquire() is None  # and then holds them both
+    held.release()
+
+
+def test_a_slot_is_taken_all_or_nothing():
+    half = Pool(parse_devices("cpu:2", cores=[0, 1]))
+    held = half.acquire()  # core 0
+    whole = Pool(parse_devices("cpu:1", cores=[0, 1]))
+    assert whole.acquire() is None
+    other = half.acquire()  # core 1 must still be free: the failed whole-machine try let go of what it got
+    assert other is not None
+    held.release(), other.release()
+
+
+def test_many_contenders_from_two_pools_never_exceed_two_at_once():
+    pools = [Pool(parse_devices("cpu:2", cores=[0, 1])) for _ in range(2)]
+    inside, most, guard = [0], [0], threading.Lock()
+
+    def contend(p: Pool):
+        for _ in range(40):
+            held = p.acquire()
+            if held is None:
+                time.sleep(0.001)
+                continue
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.002)
+            with guard:
+                inside[0] -= 1
+            held.release()
+
+    threads = [threading.Thread(target=contend, args=(pools[i % 2],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 2
+
+
+HOLDER = """
+import sys
+from server.pool import Pool, parse_devices
+held = Pool(parse_devices("cpu:2", cores=[0, 1])).acquire()
+print(held.slot.name, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_slot_held_by_another_process_frees_itself_when_it_dies():
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "cpu:0"
+        mine = Pool(parse_devices("cpu:2", cores=[0, 1]))
+        held = mine.acquire()
+        assert held.slot.name == "cpu:1" and mine.acquire() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    again = mine.acquire()
+    assert again is not None and again.slot.name == "cpu:0"
+    held.release(), again.release()
+
+
+# ---------------------------------------------------------------- the run's environment
+
+
+def test_run_env_and_affinity_keep_a_run_on_its_slot():
+    slot = parse_devices("cpu:2", cores=[0, 1])[1]
+    env = pool.run_env({"PATH": "/bin", "OMP_NUM_THREADS": "8"}, slot)
+    assert env["PATH"] == "/bin" and env["OMP_NUM_THREADS"] == "1"
+    if not hasattr(os, "sched_setaffinity") or 1 not in os.sched_getaffinity(0):
+        pytest.skip("no CPU affinity here")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        pool.pin_to_cores(child.pid, slot)
+        assert os.sched_getaffinity(child.pid) == {1}
+    finally:
+        child.kill()
+        child.wait()
