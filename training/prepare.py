@@ -367,9 +367,23 @@ def _prefetch(iterator, depth):
     finally:
         stop.set()
 
+FEEDER_FD_ENV = "AUTORESEARCH_FEEDER_FD"  # set by the server: the socket to the harness's feeder (training/feeder.py)
+HANDOVER_ENV = "AUTORESEARCH_HANDOVER"    # set by the server: where evaluate_bpb hands the model to the evaluator
+
 def make_dataloader(tokenizer, B, T, split, device="cpu", seed=None, buffer_size=LOADER_BUFFER, prefetch=4):
-    """Infinite iterator of (x, y, epoch): x, y int64 [B, T] on device, y shifted by one. Deterministic for a given
-    seed (default SEED for train; the val split always uses the same stream)."""
+    """Iterator of (x, y, epoch): x, y int64 [B, T] on device, y shifted by one. Deterministic for a given seed
+    (default SEED for train; the val split always uses the same stream).
+    In a run the server started, the train split comes from the harness's feeder, which owns the clock: the
+    iterator ends (StopIteration) when the time budget is spent, so stop training then. By hand it never ends."""
+    if os.environ.get(FEEDER_FD_ENV):
+        if split != "train":
+            raise PrepareError(f"the {split} split is not available during a run: training reads the train split "
+                               "from the feeder, and evaluate_bpb hands the model to the trusted evaluator")
+        from feeder import feeder_dataloader
+        return feeder_dataloader(tokenizer, B, T, split, device=device)
+    return _packed_loader(tokenizer, B, T, split, device, seed, buffer_size, prefetch)
+
+def _packed_loader(tokenizer, B, T, split, device, seed, buffer_size, prefetch):
     tokens, offsets = load_split(tokenizer, split)
     seed = VAL_SEED if split == "val" else (SEED if seed is None else seed)
     device = torch.device(device)
@@ -424,7 +438,15 @@ def evaluate_bpb(model, tokenizer, batch_size):
     shape (a compiled model is not recompiled). model(x) must return logits [B, T, vocab]; the cross-entropy is
     computed here, not by the model, so a model cannot report its own loss.
     If AUTORESEARCH_RESULT_FILE is set, the result is also written there as JSON.
+    In a run the server started (AUTORESEARCH_HANDOVER set), the model is not scored here: it is exported to that
+    file (training/handover.py) and the trusted evaluator scores it after this process exits; this returns nan.
     """
+    if os.environ.get(HANDOVER_ENV):
+        import handover
+        size = handover.export_model(model, os.environ[HANDOVER_ENV], vocab_size=tokenizer.vocab_size)
+        print(f"handover: model exported ({size / 2**20:.1f} MiB); the trusted evaluator scores it after this "
+              "process exits", flush=True)
+        return float("nan")
     t0 = time.time()
     print("phase: evaluating", flush=True)
     device = next(model.parameters()).device

@@ -420,7 +420,10 @@ if __name__ == "__main__":
                 loss = train_model(x, y)
             train_loss = loss.detach()
             scaler.scale(loss / grad_accum_steps).backward()
-            x, y, epoch = next(train_loader)
+            batch = next(train_loader, None)  # None: the harness's feeder says the budget is spent
+            if batch is None:
+                break
+            x, y, epoch = batch
 
         progress = min(total_training_time / TIME_BUDGET, 1.0)
         lrm = lr_multiplier(progress)
@@ -464,9 +467,10 @@ if __name__ == "__main__":
             gc.collect()
 
         step += 1
-        if step > untimed_steps and total_training_time >= TIME_BUDGET:
+        if batch is None or (step > untimed_steps and total_training_time >= TIME_BUDGET):
             break
 
+    train_loader.close()  # tells the feeder training is over, which stops its clock
     timed_steps = step - untimed_steps
     with PRECISION.autocast():
         val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
