@@ -246,6 +246,14 @@ def test_honest_model_scores_what_evaluate_bpb_scores_in_process(honest, models)
     assert len(proc.stdout.strip().splitlines()) == 1  # the pipe carries the result and nothing else
 
 
+def test_the_graph_runs_under_the_autocast_the_evaluator_uses_on_cuda(harness, cache, pins, models, honest):
+    """bf16 autocast changes dtypes inside the graph: export's recorded dtype checks must not refuse it."""
+    proc, answer = evaluate_cli(harness, request(models, "Tiny", cache, pins, autocast="bfloat16"))
+    assert answer["ok"], answer
+    assert answer["precision"] == "bfloat16" and answer["probe_max_diff"] <= 2e-2
+    assert answer["val_bpb"] == pytest.approx(honest[1]["val_bpb"], abs=0.02)
+
+
 @pytest.mark.parametrize("name", ["LeakLate", "LeakAfterFirstCall", "SmallLeakLargeLogits"])
 def test_causality_bypasses_are_caught(verdicts, name):
     assert not verdicts[name]["ok"]
