@@ -8,6 +8,7 @@ Stages, each in its own process with its own time limit, each one's output kept 
              tokens/s, peak memory, val_bpb;
   pipeline   the trusted path: the feeder (owns the clock), train.py handing its model over (torch.export on
              CUDA), then the trusted evaluator on the card, in bf16 and in fp32;
+  sandbox    bubblewrap around a CUDA program, the GPU's device nodes bound in as the trainer gets them;
   pool       what `serve --devices auto` finds.
 A summary of figures is printed at the end and written to OUT_DIR/summary.json. Needs a prepared cache
 (AUTORESEARCH_CACHE) and torch with CUDA; never the server's MCP packages.
@@ -134,13 +135,27 @@ def main():
         line = first_line_time(text, r"^INFO ")
         summary["info"] = json.loads(line[5:]) if line else {"rc": rc}
 
+    if "sandbox" not in skip:
+        # bubblewrap around a CUDA program, with the GPU device nodes bound in as the trainer gets them
+        code = ("import sys, json; sys.path.insert(0, %r); from server import sandbox; from pathlib import Path; "
+                "import subprocess, tempfile; ok, why = sandbox.probe(); print('PROBE', ok, why, flush=True); "
+                "run = Path(tempfile.mkdtemp()); state = Path(tempfile.mkdtemp()); "
+                "cmd = [sys.executable, '-c', 'import torch; x = torch.ones(4096, 4096, device=\"cuda\"); "
+                "print(\"INSIDE\", torch.cuda.get_device_name(0), float((x @ x)[0, 0]))']; "
+                "launch = sandbox.build_command(cmd, isolation='sandbox', run_dir=run, state_dir=state, "
+                "readable=[Path(%r)]); print('ISOLATION', launch.isolation, launch.reason, flush=True); "
+                "print('GPU_NODES', sandbox.gpu_devices(), flush=True); "
+                "p = sandbox.spawn(launch.argv, cwd=run); print('RC', p.wait())") % (str(ROOT), str(HARNESS))
+        rc, seconds, text = stage("sandbox", [sys.executable, "-c", code], env, out_dir, 120)
+        summary["sandbox"] = [l for l in text.splitlines() if l.startswith(("PROBE", "ISOLATION", "GPU_NODES", "INSIDE", "RC"))] or f"rc={rc}"
+
     if "inprocess" not in skip:
         work = out_dir / "inprocess_run"
         work.mkdir(exist_ok=True)
         (work / "train.py").write_text((HARNESS / "train.py").read_text())
         t_env = dict(env, AUTORESEARCH_TIME_BUDGET=f"{args.budget:g}")
         rc, seconds, text = stage("inprocess", [sys.executable, "train.py"], t_env, out_dir,
-                                  args.budget + 420, cwd=work)
+                                  args.budget + 300, cwd=work)
         summary["inprocess"] = {"rc": rc, "wall_seconds": seconds, "budget": args.budget, **summary_block(text),
                                 "header": [l for l in text.splitlines() if l.startswith(("precision:", "parameters:", "batch:"))]}
 
@@ -149,7 +164,7 @@ def main():
         work.mkdir(exist_ok=True)
         (work / "train.py").write_text((HARNESS / "train.py").read_text())
         t_env = dict(env, AUTORESEARCH_TIME_BUDGET=f"{args.pipeline_budget:g}")
-        rc, seconds, text, feeder = run_pipeline_by_hand(t_env, work, out_dir, args.pipeline_budget + 360)
+        rc, seconds, text, feeder = run_pipeline_by_hand(t_env, work, out_dir, args.pipeline_budget + 240)
         export = first_line_time(text, r"^handover: ")
         summary["pipeline"] = {"rc": rc, "wall_seconds": seconds, "feeder": feeder, "handover": export,
                                "trainer": summary_block(text)}
