@@ -6,7 +6,7 @@ ends, every such run is looked up in its workspace's ledger: a run that is missi
 with another status or val_bpb than the tools reported is a lost record, and fails the test. The session ends
 with one closing line, printed only when a fault test ran:
 
-    fault-injection tally: 23 bad inputs tried, 14 faults survived, 0 records lost
+    fault-injection tally: 23 bad inputs tried, 14 faults survived, records lost: 0
 """
 
 from pathlib import Path
@@ -25,7 +25,7 @@ class Totals:
 
     def line(self) -> str:
         return (f"fault-injection tally: {self.bad_inputs} bad inputs tried, {self.faults} faults survived, "
-                f"{self.lost} records lost")
+                f"records lost: {self.lost}")
 
 
 class Tally:
