@@ -1,4 +1,8 @@
-"""Git for the research loop: commit, reset and diff training/train.py and nothing else.
+"""Git for the research loop: commit, reset, merge and diff training/train.py and nothing else.
+
+A run trains a *candidate*: a commit whose tree is the kept commit's with train.py replaced, made with
+commit-tree in a private index, so neither the branch, the index nor the working tree moves. Only `keep`
+fast-forwards the branch to a candidate; the working-tree train.py is the agent's scratch copy throughout.
 
 Git goes through GitPython: its reference model for HEAD and the branch, its command layer (the git CLI with
 captured output, an argument list, never a shell) for the rest. Text that can come from the agent never reaches
@@ -50,11 +54,11 @@ class Git:
             self._repo = repo
         return self._repo
 
-    def _run(self, *args: str, stdin: str | None = None, ok=(0,)) -> tuple[int, str]:
+    def _run(self, *args: str, stdin: str | None = None, ok=(0,), env: dict | None = None) -> tuple[int, str]:
         """Run git in the workspace; (exit code, stdout). A code outside `ok` becomes a WorkspaceError with git's
-        message."""
+        message. `env` overrides variables for this one command (a private index)."""
         options = dict(with_extended_output=True, with_exceptions=False, stdout_as_string=False,
-                       strip_newline_in_stdout=False)
+                       strip_newline_in_stdout=False, env=env)
         if stdin is None:
             code, out, err = self.repo.git.execute(["git", *args], **options)
         else:
@@ -68,8 +72,8 @@ class Git:
             raise WorkspaceError(f"`git {' '.join(args)}` failed in {self.workspace} (exit {code}): {detail}")
         return code, out
 
-    def _git(self, *args: str, stdin: str | None = None) -> str:
-        return self._run(*args, stdin=stdin)[1]
+    def _git(self, *args: str, stdin: str | None = None, env: dict | None = None) -> str:
+        return self._run(*args, stdin=stdin, env=env)[1]
 
     # ---- names and revisions
 
@@ -169,7 +173,8 @@ class Git:
         self._git("switch", "--no-guess", "--", name)
 
     def commit_train(self, message: str) -> str:
-        """Commit exactly training/train.py with this message and return the new HEAD.
+        """Commit exactly training/train.py on the branch with this message and return the new HEAD (the loop itself
+        makes candidates with commit_candidate; this is for tools and benchmarks that build a history).
 
         `git commit -- <path>` commits that path only, so anything else the user staged stays staged and out of
         the commit. Unchanged code (a baseline or a repeat) is not committed again: HEAD is returned.
@@ -177,12 +182,79 @@ class Git:
         if not self.train_changed():
             return self.head()
         self._git("add", "--", TRAIN)
-        identity = [] if self._has_identity() else [
-            "-c", f"user.name={FALLBACK_IDENTITY[0]}", "-c", f"user.email={FALLBACK_IDENTITY[1]}"]
         # unattended: a signing prompt or a failing pre-commit hook must not stall or block the loop
-        self._git(*identity, "-c", "commit.gpgsign=false", "commit", "--no-verify", "--quiet", "-F", "-",
+        self._git(*self._identity(), "-c", "commit.gpgsign=false", "commit", "--no-verify", "--quiet", "-F", "-",
                   "--", TRAIN, stdin=message)
         return self.head()
+
+    def commit_candidate(self, source: str, parent: str, message: str) -> str:
+        """A commit of `source` as train.py on top of `parent`, touching no branch, index or working file; its
+        tree is parent's with train.py alone replaced, so nothing else the user has (staged or not) gets in.
+        The bytes committed are exactly `source`, the text pre-flight checked. Unchanged code (a baseline or a
+        repeat) makes no commit: parent is returned."""
+        parent = self.commit_sha(parent)
+        blob = self._git("hash-object", "-w", "--stdin", stdin=source).strip()
+        listing = self._git("ls-tree", "-z", parent, "--", TRAIN).rstrip("\0")
+        if not listing:
+            raise WorkspaceError(f"{TRAIN} is not in commit {self.short(parent)}: the workspace is not a research "
+                                 "workspace (create one with `autoresearch-mcp init DIR`)")
+        mode, _, old_blob = listing.split("\t", 1)[0].split()
+        if old_blob == blob:
+            return parent
+        with tempfile.TemporaryDirectory(prefix="autoresearch-index-") as tmp:
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}  # a private index: the user's stays untouched
+            self._git("read-tree", parent, env=index)
+            self._git("update-index", "--add", "--cacheinfo", f"{mode},{blob},{TRAIN}", env=index)
+            tree = self._git("write-tree", env=index).strip()
+        # unattended: a signing prompt must not stall the loop (commit-tree runs no hooks)
+        return self._git(*self._identity(), "-c", "commit.gpgsign=false", "commit-tree", tree, "-p", parent,
+                         "-F", "-", stdin=message).strip()
+
+    def advance_branch(self, new: str, old: str) -> None:
+        """Fast-forward the checked-out branch from `old` to `new` (refused if it is no longer at `old`) and make
+        the index's train.py match `new`. The working-tree train.py is left alone: it is the agent's scratch copy,
+        and new's tree differs from old's in train.py only, so nothing else changes status."""
+        new, old = self.commit_sha(new), self.commit_sha(old)
+        self._git("update-ref", "-m", f"autoresearch: keep {self.short(new)}", "HEAD", new, old)
+        self._git("reset", "-q", new, "--", TRAIN)
+
+    def restore_train(self, sha: str) -> None:
+        """Make train.py (index and working tree) the version of commit sha; the branch does not move."""
+        self._git("restore", f"--source={self.commit_sha(sha)}", "--staged", "--worktree", "--", TRAIN)
+
+    def blob_id(self, text: str) -> str:
+        """The object id git would give this text (nothing is written)."""
+        return self._git("hash-object", "--stdin", stdin=text).strip()
+
+    def train_blob_ids(self, commits) -> set[str]:
+        """The object ids of train.py in these commits (one git process for all of them)."""
+        shas = sorted({c for c in commits if c and re.fullmatch(r"[0-9a-f]{40}", c)})
+        if not shas:
+            return set()
+        out = self._git("cat-file", "--batch-check=%(objectname) %(objecttype)",
+                        stdin="".join(f"{sha}:{TRAIN}\n" for sha in shas))
+        return {line.split()[0] for line in out.splitlines() if line.endswith(" blob")}
+
+    def merge_train(self, base: str, ours: str, theirs: str, labels: tuple[str, str, str]) -> tuple[str, int]:
+        """Three-way merge of train.py: the change from base to theirs re-applied onto ours. Returns the merged
+        text (with conflict markers, labelled ours / theirs, where both sides changed the same lines) and the
+        number of conflicts."""
+        texts = [self.show_file(sha, TRAIN) for sha in (ours, base, theirs)]
+        with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
+            paths = []
+            for name, text in zip(("ours", "base", "theirs"), texts):
+                path = Path(tmp) / name
+                path.write_text(text, encoding="utf-8")
+                paths.append(str(path))
+            # the two-sided marker style whatever the user's merge.conflictStyle: the hunks are parsed from it
+            code, out = self._run("-c", "merge.conflictStyle=merge", "merge-file", "-p", "-L", labels[0], "-L", labels[1], "-L", labels[2],
+                                  *paths, ok=range(0, 128))  # the exit code counts the conflicts
+        return out, code
+
+    def _identity(self) -> list[str]:
+        """-c options with a fallback identity when none is configured (never written to the config)."""
+        return [] if self._has_identity() else [
+            "-c", f"user.name={FALLBACK_IDENTITY[0]}", "-c", f"user.email={FALLBACK_IDENTITY[1]}"]
 
     def _has_identity(self) -> bool:
         return all(self._run("config", "--get", key, ok=(0, 1))[1].strip()
@@ -195,7 +267,8 @@ class Git:
         self._git("update-ref", f"{RUN_REF_PREFIX}{run_id}", self.commit_sha(sha))
 
     def reset_train_to(self, sha: str) -> None:
-        """Move the current branch to sha and make train.py (index and worktree) match it.
+        """Move the current branch to sha and make train.py (index and worktree) match it (a run of the model before
+        candidates sits on the branch itself; discarding it moves the branch back).
 
         --soft moves only the branch; train.py is then restored alone, so other files are left exactly as they are.
         """

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from server.layout import LEDGER_NAME, RESULTS_NAME, STATE_DIR, TSV_HEADER  # noqa: F401 (names kept here too)
 
-# results.tsv speaks upstream's vocabulary: keep | discard | crash, plus the two states a live loop has
-TSV_STATUS = {"starting": "running", "running": "running", "succeeded": "pending"}  # any other undecided status is a crash
+# results.tsv speaks upstream's vocabulary: keep | discard | crash, plus the states a live loop has
+TSV_STATUS = {"queued": "queued", "starting": "running", "running": "running",  # queued: waiting for a device
+              "succeeded": "pending"}  # any other undecided status is a crash
 BLANKS = str.maketrans("\t\r\n", "   ")
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class Ledger:
 
 
 def row_status(run: dict) -> str:
-    """Upstream's vocabulary: keep, discard, crash (any failure); plus running, and pending for an undecided
+    """Upstream's vocabulary: keep, discard, crash (any failure); plus queued, running, and pending for an undecided
     success."""
     if run.get("status") != "succeeded":
         return TSV_STATUS.get(run.get("status"), "crash")

@@ -268,3 +268,56 @@ def test_git_env_redirection_is_ignored(repo, tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_INDEX_FILE", str(other / ".git/index"))
     assert Git(repo).branch() == "main"
     assert Git(repo).head()
+
+
+# ---- candidates: commits off the branch, a fast-forward on keep, a three-way merge for rebase
+
+
+def test_commit_candidate_moves_no_branch_index_or_file_and_needs_no_configured_identity(repo):
+    sh(repo, "config", "--unset", "user.name")
+    sh(repo, "config", "--unset", "user.email")
+    git = Git(repo)
+    base = git.head()
+    (repo / "notes.txt").write_text("untracked user work")
+    sha = git.commit_candidate("LR = 0.02\n", base, "--amend lower LR")
+    assert git.head() == base and sh(repo, "status", "--porcelain") == "?? notes.txt"
+    assert sh(repo, "rev-parse", f"{sha}^") == base
+    assert sh(repo, "diff", "--name-only", base, sha) == TRAIN
+    assert sh(repo, "log", "-1", "--format=%B|%an", sha) == "--amend lower LR|autoresearch-mcp"
+    assert git.commit_candidate("LR = 0.04\n", base, "same code") == base  # unchanged: no commit
+
+
+def test_advance_branch_fast_forwards_only_from_the_expected_commit(repo):
+    git = Git(repo)
+    base = git.head()
+    first = git.commit_candidate("LR = 0.02\n", base, "a")
+    second = git.commit_candidate("LR = 0.01\n", base, "b")
+    git.advance_branch(first, base)
+    assert git.head() == first and git.branch() == "main"
+    assert sh(repo, "diff", "--cached", "--name-only") == ""  # the index follows train.py
+    assert (repo / TRAIN).read_text() == "LR = 0.04\n"  # the working tree is the agent's: untouched
+    with pytest.raises(WorkspaceError):
+        git.advance_branch(second, base)  # the branch is no longer at base
+    assert git.head() == first
+
+
+def test_merge_train_reapplies_a_change_and_reports_conflicts(repo):
+    git = Git(repo)
+    (repo / TRAIN).write_text("LR = 0.04\nDEPTH = 4\nWIDTH = 256\n")
+    base = git.commit_train("three constants")
+    ours = git.commit_candidate("LR = 0.04\nDEPTH = 4\nWIDTH = 512\n", base, "wider")
+    theirs = git.commit_candidate("LR = 0.02\nDEPTH = 4\nWIDTH = 256\n", base, "lower LR")
+    merged, conflicts = git.merge_train(base, ours, theirs, ("kept", "base", "run"))
+    assert (merged, conflicts) == ("LR = 0.02\nDEPTH = 4\nWIDTH = 512\n", 0)
+    clash = git.commit_candidate("LR = 0.04\nDEPTH = 4\nWIDTH = 128\n", base, "narrower")
+    merged, conflicts = git.merge_train(base, ours, clash, ("kept", "base", "run"))
+    assert conflicts == 1
+    assert "<<<<<<< kept\nWIDTH = 512\n=======\nWIDTH = 128\n>>>>>>> run\n" in merged
+
+
+def test_train_blob_ids_and_blob_id_agree(repo):
+    git = Git(repo)
+    base = git.head()
+    sha = git.commit_candidate("LR = 0.02\n", base, "a")
+    ids = git.train_blob_ids([base, sha, None, "not a sha"])
+    assert ids == {git.blob_id("LR = 0.04\n"), git.blob_id("LR = 0.02\n")}
