@@ -103,13 +103,15 @@ def settings_from(args):
 
     budget = args.time_budget if args.time_budget is not None else os.environ.get("AUTORESEARCH_TIME_BUDGET")
     cache = args.cache or os.environ.get("AUTORESEARCH_CACHE")
-    return Settings(
+    settings = Settings(
         workspace=Path(args.workspace).expanduser().resolve(),
         profile=args.profile or os.environ.get("AUTORESEARCH_PROFILE"),
         dataset=args.dataset or os.environ.get("AUTORESEARCH_DATASET"),
         cache=Path(cache).expanduser() if cache else None,
         budget_seconds=float(budget) if budget else None,
     )
+    settings.isolation = getattr(args, "isolation", None) or "auto"  # serve --isolation; other commands: auto
+    return settings
 
 
 def cmd_serve(args) -> int:
@@ -117,6 +119,8 @@ def cmd_serve(args) -> int:
     from server.http import load_token
 
     existing_workspace(args.workspace)
+    from server.sandbox import resolve
+    resolve(args.isolation)  # --isolation sandbox where no sandbox works: say so now, not at the first run
     token = load_token(args.token_file) if args.transport == "http" else None
     serve(settings_from(args), args.transport, args.host, args.port, token)
     return 0
@@ -216,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
     p.add_argument("--token-file", help="file holding the bearer token (else $AUTORESEARCH_TOKEN)")
+    p.add_argument("--isolation", choices=["auto", "sandbox", "none"], default="auto",
+                   help="the trainer's sandbox: auto (bubblewrap where it works), sandbox (required), none")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("init", help="create a fresh workspace repository from the packaged files")

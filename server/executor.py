@@ -86,9 +86,15 @@ class LocalExecutor:
         """Raise the busy error now, before the caller commits anything for a run that could not start."""
         self.acquire().release()
 
-    def launch(self, lock: DeviceLock, script: Path, cwd: Path, env: dict, log_path: Path) -> subprocess.Popen:
-        """Start `python script` under the launcher, which holds the device lock and leads a new session."""
-        command = [sys.executable, "-I", "-m", "server.launcher", str(os.getpid()), "--", self.python, str(script)]
+    def launch(self, lock: DeviceLock, spec: dict, cwd: Path, env: dict, log_path: Path,
+               result_fd: int) -> subprocess.Popen:
+        """Start the run's trusted pipeline (server/pipeline.py, spec a JSON-able dict) under the launcher, which
+        holds the device lock, leads a new session, and writes the official result to result_fd (the write end of
+        a pipe whose read end the caller keeps)."""
+        spec = {**spec, "python": spec.get("python") or self.python, "executor": "local", "device": self.device}
+        command = [sys.executable, "-I", "-m", "server.launcher", str(os.getpid()), "--result-fd", str(result_fd),
+                   "--spec", json.dumps(spec)]
         with open(log_path, "ab") as log:
             return subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(lock.fd,))
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    pass_fds=(lock.fd, result_fd))

@@ -1,11 +1,11 @@
-"""The harness contract: what the frozen harness (training/prepare.py, runtime.py, prepare_data.py) promises the
-server, and how the server holds it to that.
+"""The harness contract: what the frozen harness (training/prepare.py, runtime.py, prepare_data.py and the trusted
+pipeline's feeder.py, handover.py, evaluator.py) promises the server, and how the server holds it to that.
 
 - describe: `prepare.py --describe`, asked in a subprocess so the server never imports torch or the harness;
-- the environment a run starts with, built from scratch;
+- the environment a run starts with, built from scratch, and what the sandboxed trainer may read;
 - pins: what must not change during a session (the harness files' sha256, the profile's constants, the val data,
-  the rows and tokens an evaluation scores);
-- the result: the file evaluate_bpb writes, read and checked against the pins.
+  the rows and tokens an evaluation scores, and the evaluator's own pins of the harness and data files);
+- the result: the official result of the trusted pipeline (server/pipeline.py), checked against the pins.
 """
 
 import hashlib
@@ -21,14 +21,19 @@ from server.errors import WorkspaceError
 from server.gitops import TRAIN
 
 PREPARE = "training/prepare.py"
+FEEDER = "training/feeder.py"
+EVALUATOR = "training/evaluator.py"
 HARNESS_DIR = "training"
 HARNESS_FILES = (PREPARE, "training/runtime.py", "training/prepare_data.py", "training/feeder.py", "training/handover.py",
                  "training/evaluator.py")  # pinned where present
 DESCRIBE_TIMEOUT = 120  # seconds for `prepare.py --describe` (imports torch, hashes the val file)
-PINNED_CONSTANTS = ("max_seq_len", "eval_tokens", "vocab_size")
+EVALUATOR_PINS_TIMEOUT = 300  # seconds for `evaluator.py --pins` (imports torch, hashes every data file it scores with)
 # result-file key -> describe key: how much an evaluation scored must be exactly what the harness announced
 PINNED_AMOUNTS = {"tokens_evaluated": "eval_tokens_scored", "rows_evaluated": "eval_rows"}
 MAX_EPOCHS = 4  # more passes over the training data per budget than this and val_bpb measures memorisation
+# In a run's environment only as a marker now: every process a trainer spawns inherits it, so leftovers (a
+# double-forked daemon) are found by it. The result file itself is never read: the official result comes from
+# the pipeline over a pipe (server/pipeline.py).
 RESULT_ENV = "AUTORESEARCH_RESULT_FILE"
 # Variables a training process inherits from the server when set; everything else is built from scratch.
 PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
@@ -58,6 +63,17 @@ def _clean_env(workspace: Path, profile, dataset, cache, budget, **more) -> dict
     env.update({k: str(v) for k, v in settings.items() if v is not None})
     env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
     return env
+
+
+def trainer_readable(workspace: Path, cache: Path, dataset: str, vocab_size: int | None) -> list[Path]:
+    """What the sandboxed trainer may read besides the system and Python: the harness folder, the dataset's
+    tokenizer (train.py loads it) and its READY marker (Tokenizer.load checks it), never the token files (the train
+    split comes from the feeder, the val split is the evaluator's). The cache layout is prepare.py's:
+    <cache>/<dataset>/tokenizer_v<vocab>/ and tokens_v<vocab>/READY."""
+    data_dir = Path(workspace, cache) / dataset
+    vocabs = [vocab_size] if vocab_size else sorted(p.name.rpartition("_v")[2] for p in data_dir.glob("tokenizer_v*"))
+    return [Path(workspace, HARNESS_DIR).resolve(),
+            *(path for v in vocabs for path in (data_dir / f"tokenizer_v{v}", data_dir / f"tokens_v{v}" / "READY"))]
 
 
 # ---- describe
@@ -130,11 +146,43 @@ def prepare_sha256(workspace: Path) -> str | None:
 
 
 def harness_pins(workspace: Path, describe: dict) -> dict:
-    """What must not change during a session."""
+    """What must not change during a session. "evaluator" holds the evaluator's own pins (the sha256 of the
+    harness files it imports and of the data files it scores with), asked of it once here; None while the data
+    is not prepared (session_pins asks again once it is)."""
+    ready = bool(describe.get("ready")) and describe.get("val_fingerprint") is not None
     return {"prepare_sha256": prepare_sha256(workspace), "harness_sha256": harness_sha256(workspace),
             "profile": describe["profile"], "val_fingerprint": describe.get("val_fingerprint"),
             "amounts": {key: describe[source] for key, source in PINNED_AMOUNTS.items()
-                        if isinstance(describe.get(source), int)}}
+                        if isinstance(describe.get(source), int)},
+            "evaluator": evaluator_pins(workspace, describe["profile"]["name"], describe["dataset"],
+                                        describe.get("cache_dir")) if ready else None}
+
+
+def evaluator_pins(workspace: Path, profile: str, dataset: str, cache) -> dict:
+    """`evaluator.py --pins`, asked in a subprocess (the server never imports torch): {"harness": {file: sha256},
+    "data": {file: sha256}}, what every evaluation request of the session carries and the evaluator checks."""
+    script = Path(workspace) / EVALUATOR
+    if not script.is_file():
+        raise WorkspaceError(f"{workspace} has no {EVALUATOR}, the trusted evaluator every run is scored by: update "
+                             f"the harness (`git checkout <a recent commit> -- {HARNESS_DIR}/`, or `autoresearch-mcp "
+                             "init` a fresh workspace)")
+    cmd = [sys.executable, "-I", "-B", str(script), "--pins", "--profile", profile, "--dataset", dataset]
+    cmd += ["--cache", str(cache)] if cache else []
+    env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)}
+    try:
+        proc = subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", timeout=EVALUATOR_PINS_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise WorkspaceError(f"{EVALUATOR} --pins did not answer within {EVALUATOR_PINS_TIMEOUT} s; run it by hand "
+                             f"to see why: {shlex.join(cmd)}") from None
+    try:
+        pins = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        pins = None
+    if proc.returncode or not isinstance(pins, dict) or "harness" not in pins:
+        why = pins.get("error") if isinstance(pins, dict) else _tail(proc.stderr, 5)
+        raise WorkspaceError(f"{EVALUATOR} --pins failed: {why}")
+    return pins
 
 
 def harness_changes(workspace: Path, pins: dict) -> list[str]:
@@ -155,35 +203,25 @@ def restore_hint(changed: list[str], commit: str | None = None) -> str:
 # ---- the result
 
 
-def read_result(workspace: Path, path: Path, started: float, pins: dict) -> tuple[dict | None, str | None]:
-    """The result file evaluate_bpb wrote during this run, checked against the session's pins:
-    (result, None) or (None, why it does not count)."""
-    try:
-        stat = path.stat()
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, (f"no val_bpb: evaluate_bpb never wrote the result file ({TRAIN} must call prepare's "
-                      "evaluate_bpb at the end; a printed val_bpb does not count)")
-    except ValueError as e:
-        return None, f"no val_bpb: the result file is not valid JSON ({e})"
-    if stat.st_mtime < started - 1:  # deleted before the start, so this is clock trouble or tampering
-        return None, "no val_bpb: the result file predates the run"
-    val_bpb = result.get("val_bpb") if isinstance(result, dict) else None
+def check_result(workspace: Path, result: dict, pins: dict) -> tuple[dict | None, str | None]:
+    """The official result of a run (server/pipeline.py: the evaluator's score, the feeder's clock) checked against
+    the session's pins: (result, None) or (None, why it does not count). A result file in the run dir is never
+    read: train.py could write one."""
+    val_bpb = result.get("val_bpb")
     if not isinstance(val_bpb, (int, float)) or isinstance(val_bpb, bool) or not math.isfinite(val_bpb):
-        return None, f"no valid val_bpb in the result file (got {val_bpb!r}): the model diverged or eval failed"
+        return None, f"no valid val_bpb from the evaluator (got {val_bpb!r}): the model diverged or eval failed"
     problems = []
     if changed := harness_changes(workspace, pins):
         problems.append(f"{', '.join(changed)} changed during the run; the evaluation harness is frozen: restore "
                         f"it with {restore_hint(changed)} and never write to it from {TRAIN}")
     pinned = pins.get("profile") or {}
-    for key in PINNED_CONSTANTS:
-        if result.get(key) != pinned.get(key):
-            problems.append(f"the evaluation used {key}={result.get(key)} but the session pinned "
-                            f"{key}={pinned.get(key)}")
+    if pinned.get("name") is not None and result.get("profile") != pinned.get("name"):
+        problems.append(f"the evaluation used profile {result.get('profile')} but the session pinned "
+                        f"{pinned.get('name')}")
     for key, expected in (pins.get("amounts") or {}).items():
         if result.get(key) != expected:
             problems.append(f"the evaluation scored {key}={result.get(key)} but the harness scores exactly "
-                            f"{expected}: evaluate_bpb's batch size or inputs were changed")
+                            f"{expected}")
     if pins.get("val_fingerprint") is not None and result.get("val_fingerprint") != pins["val_fingerprint"]:
         problems.append(f"the validation data changed: fingerprint {str(result.get('val_fingerprint'))[:12]}, "
                         f"pinned {pins['val_fingerprint'][:12]} (re-prepare the data or start a new session)")

@@ -10,7 +10,10 @@ RESULTS_NAME = "results.tsv"         # upstream's view of the ledger, in the wor
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 RUNS_DIR = "runs"                    # .autoresearch/runs/<run id>/
 LOG_NAME = "log.txt"                 # a run's stdout and stderr
-RESULT_NAME = "result.json"          # what evaluate_bpb wrote for the run
+RESULT_NAME = "result.json"          # what evaluate_bpb writes when run by hand; never read by the server
+HANDOVER_NAME = "model.graph"        # the model train.py hands over to the evaluator (training/handover.py)
+FEEDER_STATUS_SUFFIX = ".feeder.json"  # runs/<run id>.feeder.json: the feeder's figures, outside the run dir
+COMPILE_CACHE_NAME = "compile-cache"  # torch.compile's caches kept across runs, bound into the trainer's sandbox
 RUN_TRAIN_NAME = "train.py"          # the run's own copy of train.py, taken from its commit
 WORKSPACE_LOCK_NAME = "workspace.lock"  # held around every state change (server/wslock.py)
 SERVER_LOCK_NAME = "server.lock"     # held by the one server serving this workspace
@@ -31,6 +34,19 @@ def log_path(workspace: Path, run_id: str) -> Path:
 
 def result_path(workspace: Path, run_id: str) -> Path:
     return run_dir(workspace, run_id) / RESULT_NAME
+
+
+def handover_path(workspace: Path, run_id: str) -> Path:
+    return run_dir(workspace, run_id) / HANDOVER_NAME
+
+
+def feeder_status_path(workspace: Path, run_id: str) -> Path:
+    """Beside the run dir, not in it: the sandbox hides the state dir except the run's own folder."""
+    return state_dir(workspace) / RUNS_DIR / (run_id + FEEDER_STATUS_SUFFIX)
+
+
+def compile_cache_dir(workspace: Path) -> Path:
+    return state_dir(workspace) / COMPILE_CACHE_NAME
 
 
 def device_lock_dir() -> Path:

@@ -3,10 +3,12 @@
 A run trains the train.py of its commit, copied out of git into its own folder (never the working-tree file),
 with the harness folder on its import path. Before any process is spawned a "starting" record is fsynced to the
 ledger; then the executor launches it on a device (server/executor.py) under a launcher that holds the device
-lock and takes the run down if the server dies; then a "running" record names its processes. A daemon thread
-per run tails the log (server/runlog.py) for the phase and progress, enforces each phase's watchdog, and on exit
-kills everything the run left behind (server/processes.py), reads the metric from the result file only, checks it
-against the pins (server/harness.py) and appends the final record. A server that died mid-run leaves "starting" or
+lock, runs the trusted pipeline (server/pipeline.py: feeder, sandboxed trainer, evaluator) and takes the run down
+if the server dies; then a "running" record names its processes. A daemon thread per run tails the log
+(server/runlog.py) for the phase and progress, enforces each phase's watchdog, and on exit kills everything the
+run left behind (server/processes.py), reads the official result from the launcher's result pipe only (never a
+file in the run dir), checks it against the pins (server/harness.py) and appends the final record, which says
+the isolation that was in force. A server that died mid-run leaves "starting" or
 "running" records; the next one settles them (recover).
 """
 
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import anyio
 
-from server import layout
+from server import layout, sandbox
 from server.errors import WorkspaceError
 from server.executor import LocalExecutor, lock_path
 from server.gitops import TRAIN
-from server.harness import RESULT_ENV, read_result, training_env
+from server.harness import HARNESS_DIR, RESULT_ENV, check_result, evaluator_pins, trainer_readable, training_env
 from server.ledger import now_iso
+from server.pipeline import LOG_PREFIX
 from server.processes import create_time, is_alive, kill_processes, processes_with_env, run_processes
 from server.runlog import (  # noqa: F401 (LogReader and the parsers are read from here by other modules)
     TAIL_LINES, LogReader, empty_progress, error_line, parse_number, read_tail)
@@ -36,6 +39,7 @@ POLL_SECONDS = 0.2  # monitor tick: reading new log bytes, checking exit, watchd
 TRACK_SECONDS = 1.0  # how often the monitor records the run's descendants (they may escape the group later)
 PROGRESS_SECONDS = 2.0  # on_progress cadence in wait()
 MAX_LOG_BYTES = 256 * 2**20  # a run printing more than this is killed: it would fill the disk overnight
+MAX_RESULT_BYTES = 1 << 20  # the official result is a few hundred bytes; more than this on the pipe is not read
 
 # Watchdogs, one per phase. Generous on purpose: a busy 2-core machine slows an honest run a lot, and a killed
 # honest run costs more than a hung one waiting a few extra minutes. AUTORESEARCH_WATCHDOG_FACTOR scales them all.
@@ -61,6 +65,17 @@ def watchdog_factor() -> float:
     except ValueError:
         return 1.0
     return factor if factor > 0 else 1.0
+
+
+def official_metrics(official: dict) -> dict:
+    """The figures of the official result shown among a run's metrics, under the summary block's names: the
+    feeder's clock and tokens, the trusted peak memory, the evaluator's amounts and time."""
+    evaluator = official.get("evaluator") or {}
+    figures = {"training_seconds": official.get("training_seconds"), "training_tokens": official.get("training_tokens"),
+               "peak_vram_mb": official.get("peak_memory_mb"), "peak_memory_source": official.get("peak_memory_source"),
+               "rows_evaluated": official.get("rows_evaluated"), "tokens_evaluated": official.get("tokens_evaluated"),
+               "eval_seconds": evaluator.get("eval_seconds"), "isolation": official.get("isolation")}
+    return {k: v for k, v in figures.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
 class RunHandle:
@@ -91,6 +106,31 @@ class RunHandle:
         self.wake = threading.Event()
         self.done = threading.Event()
         self.mutex = threading.Lock()
+        self.result_fd: int | None = None  # the read end of the launcher's result pipe
+        self.official: dict | None = None  # the official result the pipeline sent, once the launcher exited
+        self.result_bytes = b""
+
+    def read_result_pipe(self, final: bool = False) -> None:
+        """Take what the launcher wrote on the result pipe so far (never blocks); at the end, parse its last line."""
+        if self.result_fd is None:
+            return
+        while len(self.result_bytes) <= MAX_RESULT_BYTES:
+            try:
+                chunk = os.read(self.result_fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.result_bytes += chunk
+        if final:
+            os.close(self.result_fd)
+            self.result_fd = None
+            lines = self.result_bytes.decode(errors="replace").strip().splitlines()
+            try:
+                official = json.loads(lines[-1]) if lines else None
+            except ValueError:
+                official = None
+            self.official = official if isinstance(official, dict) else None
 
     @property
     def env_marker(self) -> tuple[str, str]:
@@ -100,7 +140,8 @@ class RunHandle:
 class RunManager:
     def __init__(self, workspace: Path, ledger, git, *, profile: str, dataset: str, cache: Path,
                  budget_seconds: float, python: str = sys.executable, device: str = "cpu",
-                 timeout_seconds: float | None = None, executor: LocalExecutor | None = None):
+                 timeout_seconds: float | None = None, executor: LocalExecutor | None = None,
+                 isolation: str = "auto"):
         self.workspace = Path(workspace).resolve()
         self.ledger = ledger
         self.git = git
@@ -112,6 +153,8 @@ class RunManager:
         self.device = device
         self.timeout_seconds = timeout_seconds  # an overall hard limit on top of the phase watchdogs (tests)
         self.executor = executor or LocalExecutor(device, python)
+        self.isolation = sandbox.check_isolation(isolation)  # asked for: auto | sandbox | none
+        self._evaluator_pins: dict | None = None  # for sessions pinned before the evaluator's pins existed
         self.handles: dict[str, RunHandle] = {}  # runs started by this process
         self._current: RunHandle | None = None
 
@@ -148,7 +191,41 @@ class RunManager:
         return lock_path(self.device)
 
     def ensure_device_free(self) -> None:
+        """Raise now, before the caller commits anything, what would stop a run from starting: a busy device, or
+        --isolation sandbox where no sandbox works."""
+        self.isolation_in_force()
         self.executor.ensure_free()
+
+    def isolation_in_force(self) -> tuple[str, str]:
+        """(sandbox | none, the reason line) for the runs this manager starts; WorkspaceError when the sandbox was
+        required and does not work here."""
+        return sandbox.resolve(self.isolation)
+
+    def isolation_status(self) -> tuple[str, str]:
+        """isolation_in_force for status(): never raises; "unavailable" when the sandbox is required but missing."""
+        try:
+            return self.isolation_in_force()
+        except WorkspaceError as e:
+            return "unavailable", str(e)
+
+    def pipeline_spec(self, handle: "RunHandle", env: dict, pins: dict) -> dict:
+        """The run's trusted pipeline as a plain JSON-able dict (server/pipeline.py documents the keys)."""
+        profile = pins.get("profile") or {}
+        evaluator = pins.get("evaluator")
+        if not evaluator:  # a session pinned before the evaluator's pins existed: asked once per server
+            if self._evaluator_pins is None:
+                self._evaluator_pins = evaluator_pins(self.workspace, self.profile, self.dataset, self.cache)
+            evaluator = self._evaluator_pins
+        return {
+            "run_id": handle.run_id, "run_dir": str(handle.run_dir), "state_dir": str(layout.state_dir(self.workspace)),
+            "harness_dir": str(Path(self.workspace, HARNESS_DIR).resolve()), "python": self.python, "env": env,
+            "isolation": self.isolation, "profile": self.profile, "dataset": self.dataset, "cache": str(self.cache),
+            "device": self.device, "evaluator_pins": evaluator,
+            "readable": [str(p) for p in trainer_readable(self.workspace, self.cache, self.dataset,
+                                                          profile.get("vocab_size"))],
+            "hidden": [], "compile_cache": str(layout.compile_cache_dir(self.workspace)),
+            "feeder_status": str(layout.feeder_status_path(self.workspace, handle.run_id)),
+        }
 
     # ------------------------------------------------------------------ start
 
@@ -162,13 +239,16 @@ class RunManager:
             "started_at": now_iso(), "ended_at": None, "pid": None, "pgid": None, "proc_create_time": None,
             "server_pid": os.getpid(), "server_create_time": create_time(os.getpid()),
             "error": None, "log_tail": None, "decision": None,
+            "isolation": None, "isolation_reason": None,
         }
 
     def announce(self, run_id: str, description: str, *, seed: int, kind: str = "experiment",
-                 session: str | None = None, parent: str | None = None, head: str | None = None) -> None:
-        """The fsynced "starting" record, written before the run's commit is made and before any process exists:
-        from here on a kill -9 leaves a record that recover() settles (finding the commit if it was made)."""
-        record = self.starting_record(run_id, None, description, seed=seed, kind=kind, session=session,
+                 session: str | None = None, parent: str | None = None, head: str | None = None,
+                 commit: str | None = None) -> None:
+        """The fsynced "starting" record, written before the run's commit is made (or naming it when it already
+        exists) and before any process exists: from here on a kill -9 leaves a record that recover() settles
+        (finding the commit if it was made)."""
+        record = self.starting_record(run_id, commit, description, seed=seed, kind=kind, session=session,
                                       parent=parent)
         self.ledger.append({**record, "head_before": head})
 
@@ -178,6 +258,7 @@ class RunManager:
         """Launch the train.py of `commit`. The caller holds the workspace lock."""
         if (running := self.current()) is not None:
             raise WorkspaceError(f"Run {running.run_id} is still training; wait for it or cancel it first.")
+        isolation, isolation_reason = self.isolation_in_force()
         source = self.git.show_file(commit, TRAIN)  # the code of the commit, whatever the working tree holds now
         handle = RunHandle(run_id, commit, self.run_dir(run_id))
         handle.run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,19 +270,34 @@ class RunManager:
         try:
             handle.record = self.starting_record(run_id, commit, description, seed=seed, kind=kind, session=session,
                                                  parent=parent)
+            handle.record.update(isolation=isolation, isolation_reason=isolation_reason)
             # fsynced before anything is spawned: recovery will find it, with the commit that runs
-            self.ledger.append({"type": "run", "id": run_id, "commit": commit} if announced else dict(handle.record))
+            self.ledger.append({"type": "run", "id": run_id, "commit": commit, "isolation": isolation,
+                                "isolation_reason": isolation_reason} if announced else dict(handle.record))
             env = training_env(self.workspace, profile=self.profile, dataset=self.dataset, cache=self.cache,
                                budget=self.budget_seconds, result_file=handle.result_path, seed=seed)
+            try:
+                spec = self.pipeline_spec(handle, env, pins)
+            except WorkspaceError as e:
+                self.ledger.append({"type": "run", "id": run_id, "status": "crashed", "ended_at": now_iso(),
+                                    "error": str(e)})
+                raise
             handle.t0, handle.wall0 = time.monotonic(), time.time()
             handle.phase_t0 = handle.t0
+            read_end, write_end = os.pipe()  # the result channel: the launcher writes, train.py never inherits it
             try:
-                handle.popen = self.executor.launch(handle.lock, script, handle.run_dir, env, handle.log_path)
+                handle.popen = self.executor.launch(handle.lock, spec, handle.run_dir, env, handle.log_path,
+                                                    write_end)
             except OSError as e:
-                error = f"Could not start {TRAIN} with {self.python}: {e}"
+                os.close(read_end)
+                error = f"Could not start the run's launcher with {sys.executable}: {e}"
                 self.ledger.append({"type": "run", "id": run_id, "status": "crashed", "ended_at": now_iso(),
                                     "error": error})
                 raise WorkspaceError(error) from e
+            finally:
+                os.close(write_end)
+            os.set_blocking(read_end, False)
+            handle.result_fd = read_end
         finally:
             handle.lock.release()  # the launcher holds it now (or nothing does: the start failed)
         handle.pid = handle.popen.pid
@@ -277,6 +373,7 @@ class RunManager:
                 exited = handle.popen.poll() is not None
                 with handle.mutex:
                     handle.log.read()
+                handle.read_result_pipe()
                 if exited:
                     break
                 now = time.monotonic()
@@ -307,12 +404,21 @@ class RunManager:
             kill_processes(handle.pid, leftovers, 0)
             with handle.mutex:
                 handle.log.read(final=True)
+            handle.read_result_pipe(final=True)
             final = self.outcome(handle, pins)
         except Exception as e:  # never leave a run "running" because of a bug here
             final["error"] = f"internal error in the run monitor: {e!r}"
             kill_processes(handle.pid, {handle.pid: handle.started, **handle.tracked}, 0)
             handle.popen.wait()
         finally:
+            if handle.result_fd is not None:
+                os.close(handle.result_fd)
+                handle.result_fd = None
+            official = handle.official or {}
+            final.update(isolation=official.get("isolation") or handle.record.get("isolation"),
+                         isolation_reason=official.get("isolation_reason") or handle.record.get("isolation_reason"))
+            if official:
+                final["official"] = {k: v for k, v in official.items() if k not in ("ok", "error")}
             lines = list(handle.log.tail)[-TAIL_LINES:]
             final.update(type="run", id=handle.run_id, ended_at=now_iso(),
                          seconds=round((handle.ended or time.monotonic()) - handle.t0, 1),
@@ -326,10 +432,12 @@ class RunManager:
             handle.done.set()
 
     def outcome(self, handle: RunHandle, pins: dict) -> dict:
-        """Status, val_bpb (from the result file only), metrics (from the last `---` block) and error."""
+        """Status, val_bpb (from the official result only: the evaluator's score), metrics (the last `---` block
+        train.py printed, its official keys replaced by the trusted figures) and error."""
         metrics = {k: v for k, v in handle.log.summary.items() if k != "val_bpb"}  # a printed val_bpb is not data
+        official = handle.official or {}
+        metrics.update(official_metrics(official))
         failed = {"val_bpb": None, "metrics": metrics}
-        rc = handle.popen.returncode
         reason = handle.stop_reason
         if reason == "timed_out":
             return {**failed, "status": "timed_out", "error": handle.stop_error}
@@ -339,8 +447,19 @@ class RunManager:
             return {**failed, "status": "interrupted", "error": "the server shut down during the run"}
         if reason == "crashed":
             return {**failed, "status": "crashed", "error": handle.stop_error}
-        line = error_line(list(handle.log.tail))
-        if rc != 0:
+        line = error_line([l for l in handle.log.tail if not l.startswith(LOG_PREFIX)])  # train.py's, not ours
+        if not official:
+            rc = handle.popen.returncode
+            cause = (f"the run's launcher was killed by {signal.Signals(-rc).name}" if rc < 0
+                     else f"the run's launcher exited with code {rc}") + " before the run had a result"
+            return {**failed, "status": "crashed", "error": f"{cause}: {line}" if line else cause}
+        if official.get("ok"):
+            result, problem = check_result(self.workspace, official, pins)
+            if problem:
+                return {**failed, "status": "crashed", "error": problem}
+            return {"status": "succeeded", "val_bpb": result["val_bpb"], "metrics": metrics, "error": None}
+        stage, rc = official.get("stage"), official.get("trainer_returncode")
+        if stage == "trainer" and isinstance(rc, int):
             if rc < 0:
                 cause = f"{TRAIN} was killed by {signal.Signals(-rc).name}"
                 if -rc == signal.SIGKILL:
@@ -348,10 +467,9 @@ class RunManager:
             else:
                 cause = f"{TRAIN} exited with code {rc}"
             return {**failed, "status": "crashed", "error": f"{cause}: {line}" if line else cause}
-        result, problem = read_result(self.workspace, handle.result_path, handle.wall0, pins)
-        if problem:
-            return {**failed, "status": "crashed", "error": problem}
-        return {"status": "succeeded", "val_bpb": result["val_bpb"], "metrics": metrics, "error": None}
+        if stage == "evaluator":
+            return {**failed, "status": "crashed", "error": f"the trusted evaluator refused the model: {official.get('error')}"}
+        return {**failed, "status": "crashed", "error": official.get("error") or f"the run failed ({stage})"}
 
     # ------------------------------------------------------------------ waiting, cancelling
 

@@ -82,25 +82,35 @@ def build_command(command: Sequence[str], *, isolation: str, run_dir: Path, stat
                keep it per workspace and never let trusted code (the evaluator) read it.
     Raises WorkspaceError when isolation is "sandbox" and no sandbox works here.
     """
-    check_isolation(isolation)
-    if isolation == "none":
-        return Launch(list(command), "none", "isolation none: the trainer runs unsandboxed, as your user")
-    works, why = probe()
-    if not works:
-        if isolation == "sandbox":
-            raise WorkspaceError(f"--isolation sandbox, but the sandbox does not work here ({why}): {BWRAP_INSTALL_HINT}")
-        return Launch(list(command), "none", f"isolation auto: no sandbox here ({why}); the trainer runs unsandboxed")
+    in_force, reason = resolve(isolation)
+    if in_force == "none":
+        return Launch(list(command), "none", reason)
     python = python or command[0]
     paths = dict(run_dir=Path(run_dir), state_dir=Path(state_dir), cache_dir=cache_dir and Path(cache_dir),
                  readable=[Path(p) for p in readable], hidden=[Path(p) for p in hidden], python=python,
                  compile_cache=compile_cache and Path(compile_cache))
     if paths["compile_cache"]:
         paths["compile_cache"].mkdir(parents=True, exist_ok=True)
+    builder = seatbelt_argv if sys.platform == "darwin" else bwrap_argv
+    return Launch(builder(command, **paths), "sandbox", reason)
+
+
+def resolve(isolation: str) -> tuple[str, str]:
+    """(the isolation a trainer gets here, "sandbox" or "none"; one line saying what that means and why).
+    Raises WorkspaceError when isolation is "sandbox" and no sandbox works here."""
+    check_isolation(isolation)
+    if isolation == "none":
+        return "none", "isolation none: the trainer runs unsandboxed, as your user"
+    works, why = probe()
+    if not works:
+        if isolation == "sandbox":
+            raise WorkspaceError(f"--isolation sandbox, but the sandbox does not work here ({why}): {BWRAP_INSTALL_HINT}")
+        return "none", f"isolation auto: no sandbox here ({why}); the trainer runs unsandboxed"
     if sys.platform == "darwin":
-        return Launch(seatbelt_argv(command, **paths), "sandbox", f"{why}: no network, writes only to the run dir "
-                      "and temp, no ledger, cache or val data; no pid namespace")
-    return Launch(bwrap_argv(command, **paths), "sandbox", f"{why}: run dir writable, harness read-only, no val "
-                  "data, ledger or cache writes, no network, own pid namespace")
+        return "sandbox", (f"{why}: no network, writes only to the run dir and temp, no ledger, cache or val data; "
+                           "no pid namespace")
+    return "sandbox", (f"{why}: run dir writable, harness read-only, no val data, ledger or cache writes, no network, "
+                       "own pid namespace")
 
 
 def spawn(argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:

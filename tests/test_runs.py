@@ -1,8 +1,11 @@
 """RunManager: training runs as subprocesses that report honestly and can never wedge the machine.
 
-Every test drives a fake training/train.py (a few lines of plain Python, no torch) through the real RunManager:
-the metric comes only from the result file, crashes are explained, timeouts and cancellation leave no process
-behind, one run holds a device at a time across processes, and a server killed mid-run is cleaned up on restart.
+Most tests drive a fake harness (plain Python, no torch: a train.py, a feeder.py and an evaluator.py that keep the
+real ones' protocols) through the real RunManager, launcher and pipeline: the metric comes only from the
+evaluator's answer over the launcher's result pipe, the training time from the feeder, crashes are explained,
+timeouts and cancellation leave no process behind, one run holds a device at a time across processes, and a server
+killed mid-run is cleaned up on restart. The last tests run the real harness end to end on the smoke profile:
+feeder, sandboxed trainer, evaluator.
 """
 
 import hashlib
@@ -32,22 +35,63 @@ PREPARE_SOURCE = "# the frozen harness (a stand-in: the fake train.py below neve
 FINGERPRINT = "f" * 64
 PROFILE = {"name": "smoke", "max_seq_len": 128, "time_budget": 5, "eval_tokens": 2**14, "vocab_size": 8192}
 
-# Helpers every fake train.py gets: progress lines and the summary block in train.py's format, and the result
-# file the way evaluate_bpb writes it (atomically, to $AUTORESEARCH_RESULT_FILE).
+FEEDER_SECONDS, FEEDER_TOKENS = 4.321, 65536  # what the fake feeder credits every run with
+ROWS, TOKENS = 128, 2**14  # what the fake evaluator scores, as the pins say
+
+# The fake feeder: holds its end of the socket pair until the trainer (and all it left) is gone, then reports its
+# figures the way training/feeder.py does (status file, one JSON line on stdout).
+FAKE_FEEDER = f"""
+import json, socket, sys
+args = sys.argv
+sock = socket.socket(fileno=int(args[args.index("--fd") + 1]))
+while True:
+    try:
+        if not sock.recv(4096):
+            break
+    except OSError:
+        break
+figures = {{"phase": "ended", "reason": "trainer closed the feed", "training_seconds": {FEEDER_SECONDS},
+           "tokens": {FEEDER_TOKENS}, "warmup_tokens": 0, "batches": 8}}
+if "--status" in args:
+    open(args[args.index("--status") + 1], "w").write(json.dumps(figures))
+print(json.dumps(figures), flush=True)
+"""
+
+# The fake evaluator: the real one's request and answer; the "model" it scores is the JSON train.py handed over,
+# whose keys override the answer ("refuse": an error; "eval_lines"/"eval_sleep": progress at that pace).
+FAKE_EVALUATOR = f"""
+import json, sys, time
+request = json.loads(sys.stdin.read())
+try:
+    model = json.load(open(request["graph"]))
+except (OSError, ValueError) as e:
+    print(json.dumps({{"ok": False, "error": f"cannot load the hand-over ({{e}})"}}))
+    sys.exit(1)
+print("phase: evaluating", file=sys.stderr, flush=True)
+lines = model.pop("eval_lines", 1)
+for done in range(1, lines + 1):
+    time.sleep(model.get("eval_sleep", 0))
+    print(f"eval: {{done * {ROWS} // lines}}/{ROWS} rows", file=sys.stderr, flush=True)
+if "refuse" in model:
+    print(json.dumps({{"ok": False, "error": model["refuse"]}}))
+    sys.exit(1)
+answer = {{"ok": True, "profile": request["profile"], "dataset": request["dataset"], "rows_evaluated": {ROWS},
+          "tokens_evaluated": {TOKENS}, "val_fingerprint": request["pins"]["data"]["val.bin"], "eval_seconds": 0.1,
+          "peak_memory_mb": 99.0}}
+answer.update({{k: v for k, v in model.items() if k != "eval_sleep"}})
+print(json.dumps(answer))
+"""
+
+# Helpers every fake train.py gets: progress lines and the summary block in train.py's format, and the hand-over
+# the way evaluate_bpb does it (to $AUTORESEARCH_HANDOVER; here a JSON "model" the fake evaluator scores).
 FAKE_HARNESS = f"""
 import json, os, subprocess, sys, time
 import prepare  # the harness folder is on the import path of a run, wherever its train.py copy lives
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(prepare.__file__))))  # the tests' files: the workspace
 
 def result(val_bpb=0.987654, **changes):
-    data = {{"val_bpb": val_bpb, "profile": "smoke", "dataset": "sotu", "max_seq_len": 128,
-             "eval_tokens": {2**14}, "vocab_size": 8192, "val_fingerprint": "{FINGERPRINT}",
-             "eval_seconds": 0.1, "tokens_evaluated": {2**14}, "bytes_evaluated": 60000}}
-    data.update(changes)
-    path = os.environ["AUTORESEARCH_RESULT_FILE"]
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
+    with open(os.environ["AUTORESEARCH_HANDOVER"], "w") as f:
+        json.dump({{"val_bpb": val_bpb, **changes}}, f)
 
 def progress(step, loss=4.5, left=3):
     print(f"step {{step:05d}} ({{10.0 * step:.1f}}%) | loss: {{loss:.6f}} | lrm: 1.00 | dt: 10ms | "
@@ -85,6 +129,8 @@ def workspace(tmp_path):
     ws = tmp_path / "ws"
     (ws / "training").mkdir(parents=True)
     (ws / "training" / "prepare.py").write_text(PREPARE_SOURCE)
+    (ws / "training" / "feeder.py").write_text(FAKE_FEEDER)
+    (ws / "training" / "evaluator.py").write_text(FAKE_EVALUATOR)
     (ws / "training" / "train.py").write_text(FAKE_HARNESS + SUCCEED)
     (ws / ".gitignore").write_text(".autoresearch/\nresults.tsv\n*.pid\ngo\n")
     git(ws, "init", "-q", "-b", "main")
@@ -130,11 +176,15 @@ def commit_train(ws, source):
 
 def pins(ws):
     return {"prepare_sha256": hashlib.sha256((ws / "training" / "prepare.py").read_bytes()).hexdigest(),
-            "profile": dict(PROFILE), "val_fingerprint": FINGERPRINT}
+            "profile": dict(PROFILE), "val_fingerprint": FINGERPRINT,
+            "amounts": {"rows_evaluated": ROWS, "tokens_evaluated": TOKENS},
+            "evaluator": {"harness": {}, "data": {"val.bin": FINGERPRINT}}}
 
 
 def manager(ws, cache, **overrides):
-    options = dict(profile="smoke", dataset="sotu", cache=cache, budget_seconds=5, device="cpu")
+    """The fake trainer runs unsandboxed (it reads and writes the tests' files in the workspace); the sandbox is
+    tried on the real harness at the end."""
+    options = dict(profile="smoke", dataset="sotu", cache=cache, budget_seconds=5, device="cpu", isolation="none")
     options.update(overrides)
     return RunManager(ws, Ledger(ws), Git(ws), **options)
 
@@ -172,18 +222,25 @@ def wait_until(predicate, timeout=10.0):
 # ------------------------------------------------------------------------------------------------ success
 
 
-def test_a_successful_run_takes_val_bpb_from_the_result_file_and_metrics_from_the_summary(workspace, cache):
+def test_a_successful_run_takes_val_bpb_from_the_evaluator_and_the_clock_from_the_feeder(workspace, cache):
     mgr = manager(workspace, cache)
     source = """
     for step in range(3):
         progress(step)
+        time.sleep(0.2)  # long enough for the pipeline to read the trainer's memory from outside
     result(val_bpb=0.987654)
     summary(0.5)  # the printed number is not the metric
     """
     record = run(mgr, source)
     assert record["status"] == "succeeded"
     assert record["val_bpb"] == 0.987654
-    assert record["metrics"] == {"training_seconds": 5.0, "peak_vram_mb": 123.4, "num_steps": 3, "device": "cpu"}
+    metrics = record["metrics"]
+    # the printed summary says 5.0 s and 123.4 MB: the official figures replace them
+    assert metrics["training_seconds"] == FEEDER_SECONDS and metrics["training_tokens"] == FEEDER_TOKENS
+    assert metrics["peak_memory_source"] == "rss" and metrics["peak_vram_mb"] != 123.4
+    assert metrics["rows_evaluated"] == ROWS and metrics["num_steps"] == 3 and metrics["device"] == "cpu"
+    assert record["official"]["val_bpb"] == 0.987654 and record["official"]["trainer_returncode"] == 0
+    assert record["isolation"] == "none" and "unsandboxed" in record["isolation_reason"]
     assert record["error"] is None and record["log_tail"] is None
     assert record["exit_code"] == 0
     # the ledger holds the same folded record: running at start, final at the end
@@ -194,6 +251,7 @@ def test_a_successful_run_takes_val_bpb_from_the_result_file_and_metrics_from_th
     assert [r["status"] for r in ledger.records() if r.get("id") == "r0001"] == ["starting", "running", "succeeded"]
     start_record = ledger.records()[0]
     assert start_record["commit"] == git(workspace, "rev-parse", "HEAD") and start_record["pid"] is None
+    assert start_record["isolation"] == "none"
     running = ledger.records()[1]
     assert running["pid"] == running["pgid"] and start_record["session"] == "t"
     assert mgr.current() is None
@@ -289,37 +347,46 @@ torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.
     assert runs.error_line(["just some output", ""]) == "just some output"
 
 
-def test_a_printed_val_bpb_without_the_result_file_records_no_metric(workspace, cache):
+def test_a_printed_val_bpb_without_a_hand_over_records_no_metric(workspace, cache):
     record = run(manager(workspace, cache), "summary(0.1)\n")
     assert record["status"] == "crashed" and record["val_bpb"] is None
-    assert "evaluate_bpb never wrote the result file" in record["error"]
+    assert "no model was handed over" in record["error"] and "evaluate_bpb" in record["error"]
     assert "val_bpb" not in record["metrics"]
     assert "val_bpb:          0.100000" in record["log_tail"]
 
 
-def test_a_stale_result_file_from_before_the_run_does_not_count(workspace, cache):
+def test_a_forged_result_file_or_a_stale_hand_over_changes_nothing(workspace, cache):
     mgr = manager(workspace, cache)
-    stale = mgr.run_dir("r0001") / "result.json"
+    stale = mgr.run_dir("r0001") / "model.graph"
     stale.parent.mkdir(parents=True)
-    stale.write_text(json.dumps({"val_bpb": 0.5, "max_seq_len": 128}))
+    stale.write_text(json.dumps({"val_bpb": 0.5}))
     record = run(mgr, "print('exits without evaluating')\n")
-    assert record["status"] == "crashed" and "never wrote the result file" in record["error"]
+    assert record["status"] == "crashed" and "no model was handed over" in record["error"]
+    forge = """
+    for path in (os.environ["AUTORESEARCH_RESULT_FILE"], ".autoresearch/runs/r0002/result.json"):
+        json.dump({"val_bpb": 0.01, "rows_evaluated": 128, "tokens_evaluated": 16384}, open(path, "w"))
+    result(val_bpb=0.987654)
+    """
+    record = run(mgr, forge, run_id="r0002")
+    assert record["status"] == "succeeded" and record["val_bpb"] == 0.987654
+    assert json.loads((mgr.run_dir("r0002") / "result.json").read_text())["val_bpb"] == 0.01  # written, never read
 
 
 @pytest.mark.parametrize("source, expected", [
     ("result(val_bpb=float('nan'))\n", "no valid val_bpb"),
-    ("with open(os.environ['AUTORESEARCH_RESULT_FILE'], 'w') as f: f.write('{torn')\n", "not valid JSON"),
+    ("result(refuse='the model is not causal: ...')\n", "the trusted evaluator refused the model: the model is not"),
+    ("open(os.environ['AUTORESEARCH_HANDOVER'], 'w').write('{torn')\n", "cannot load the hand-over"),
 ])
-def test_an_invalid_result_file_records_no_metric(workspace, cache, source, expected):
+def test_an_invalid_evaluation_records_no_metric(workspace, cache, source, expected):
     record = run(manager(workspace, cache), source)
     assert record["status"] == "crashed" and record["val_bpb"] is None and expected in record["error"]
 
 
 @pytest.mark.parametrize("source, expected", [
     ("open('training/prepare.py', 'a').write('EVAL_TOKENS = 1\\n')\nresult()\n", "training/prepare.py changed"),
-    ("result(max_seq_len=64)\n", "max_seq_len=64 but the session pinned max_seq_len=128"),
-    ("result(eval_tokens=1024)\n", "eval_tokens=1024"),
-    ("result(vocab_size=256)\n", "vocab_size=256"),
+    ("result(profile='cpu')\n", "profile cpu but the session pinned smoke"),
+    ("result(rows_evaluated=64)\n", "rows_evaluated=64"),
+    ("result(tokens_evaluated=1024)\n", "tokens_evaluated=1024"),
     ("result(val_fingerprint='0' * 64)\n", "the validation data changed"),
 ])
 def test_a_result_that_breaks_the_pins_fails_the_run(workspace, cache, source, expected):
@@ -379,19 +446,19 @@ def test_the_watchdog_factor_gives_every_phase_more_time(workspace, cache, monke
 
 
 def test_the_evaluation_limit_comes_from_its_measured_speed(workspace, cache, monkeypatch):
-    """A slow evaluation that keeps moving is left alone; one that stops moving is stopped."""
+    """A slow evaluation that keeps moving is left alone; one that stops moving is stopped. The progress lines
+    are the trusted evaluator's, on its stderr into the run's log, after train.py's summary block."""
     monkeypatch.setattr(runs, "EVAL_FIRST_SECONDS", 0.5)
     monkeypatch.setattr(runs, "EVAL_SLACK_SECONDS", 0.5)
+    monkeypatch.setattr(runs, "HANDOVER_SECONDS", 60.0)  # the fake evaluator's start-up is not what is measured
     slow = """
-    print('phase: evaluating', flush=True)
-    for done in range(1, 11):
-        time.sleep(0.3)
-        print(f'eval: {done}/10 rows', flush=True)
-    result()
     summary(0.9)
+    result(eval_lines=10, eval_sleep=0.3)
     """
     mgr = manager(workspace, cache)
-    assert run(mgr, slow)["status"] == "succeeded"  # 3 s of evaluation, far past the first line's 0.5 s
+    record = run(mgr, slow)  # 3 s of evaluation, far past the first line's 0.5 s
+    assert record["status"] == "succeeded" and record["val_bpb"] == 0.987654
+    assert "eval: 128/128 rows" in (workspace / ".autoresearch/runs/r0001/log.txt").read_text()
     stalls = """
     print('phase: evaluating', flush=True)
     print('eval: 1/10 rows', flush=True)
@@ -611,8 +678,10 @@ from server.gitops import Git
 from server.ledger import Ledger
 from server.runs import RunManager
 ws, cache, commit = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-pins = {"prepare_sha256": sys.argv[4], "profile": %r, "val_fingerprint": %r}
-mgr = RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache, budget_seconds=5)
+pins = {"prepare_sha256": sys.argv[4], "profile": %r, "val_fingerprint": %r,
+        "evaluator": {"harness": {}, "data": {}}}
+mgr = RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache, budget_seconds=5,
+                 isolation="none")
 handle = mgr.start("r0001", commit, "orphan to be", seed=42, pins=pins, session="t")
 print(handle.pid, flush=True)
 time.sleep(1000)
