@@ -352,7 +352,7 @@ import prepare, train, handover
 config = train.build_config(train.DEPTH, prepare.VOCAB_SIZE, prepare.MAX_SEQ_LEN)
 torch.manual_seed(0)
 model = train.GPT(config)
-model.init_weights()
+model.init_weights(dtype=getattr(torch, sys.argv[2]))  # bfloat16: embeddings as train.py keeps them on CUDA
 with torch.no_grad():  # init leaves the blocks as identities: give them weights so attention matters
     for block in model.transformer.h:
         torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
@@ -367,9 +367,10 @@ with torch.no_grad():
 
 
 @pytest.mark.parametrize("profile", ["smoke"])  # cpu and gpu sizes: bench/evaluator.py
-def test_train_py_default_model_hands_over(cache, profile, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_py_default_model_hands_over(cache, profile, dtype, tmp_path):
     env = {**smoke_env(cache), "AUTORESEARCH_PROFILE": profile}
-    proc = subprocess.run([sys.executable, "-c", DEFAULT_MODEL, str(tmp_path / "model.graph")], cwd=TRAINING,
+    proc = subprocess.run([sys.executable, "-c", DEFAULT_MODEL, str(tmp_path / "model.graph"), dtype], cwd=TRAINING,
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -99,6 +99,11 @@ def export_program(model, shape, vocab_size=None):
     except StopIteration:
         device = torch.device("cpu")
     idx = torch.zeros(shape, dtype=torch.long, device=device)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        # Weights kept in bf16 for autocast (train.py's embeddings on CUDA) meet fp32 activations in a graph
+        # traced without autocast. The hand-over is the run's last act, so widen them in place: lossless, and
+        # the evaluator's own autocast narrows the matmuls again.
+        model.float()
     was_training = model.training
     model.eval()
     try:
