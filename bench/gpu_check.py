@@ -8,6 +8,7 @@ Stages, each in its own process with its own time limit, each one's output kept 
              tokens/s, peak memory, val_bpb;
   pipeline   the trusted path: the feeder (owns the clock), train.py handing its model over (torch.export on
              CUDA), then the trusted evaluator on the card, in bf16 and in fp32;
+  trusted    the server's own pipeline (server/pipeline.py) end to end, sandboxed where bubblewrap works;
   sandbox    bubblewrap around a CUDA program, the GPU's device nodes bound in as the trainer gets them;
   pool       what `serve --devices auto` finds.
 A summary of figures is printed at the end and written to OUT_DIR/summary.json. Needs a prepared cache
@@ -114,6 +115,37 @@ def evaluate(env, graph, pins, out_dir, name, autocast, timeout):
     return result
 
 
+def trusted_run(work, profile, dataset, budget):
+    """The server's own pipeline (server/pipeline.py), sandboxed where bubblewrap works, as a run gets it."""
+    sys.path.insert(0, str(ROOT))
+    from server import pipeline
+    cache = Path(os.environ["AUTORESEARCH_CACHE"])
+    run_dir, state = work / "state" / "runs" / "gpu-check", work / "state"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.py").write_text((HARNESS / "train.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")}
+    env.update(AUTORESEARCH_PROFILE=profile, AUTORESEARCH_DATASET=dataset, AUTORESEARCH_CACHE=str(cache),
+               AUTORESEARCH_TIME_BUDGET=f"{budget:g}", AUTORESEARCH_SEED="42", PYTHONUNBUFFERED="1",
+               PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(HARNESS))
+    pins = json.loads(subprocess.run([sys.executable, "-I", str(HARNESS / "evaluator.py"), "--pins", "--profile",
+                                      profile, "--dataset", dataset, "--cache", str(cache)], env=env,
+                                     capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
+    data = cache / dataset
+    spec = {"run_id": "gpu-check", "run_dir": str(run_dir), "state_dir": str(state), "harness_dir": str(HARNESS),
+            "python": sys.executable, "env": env, "isolation": "auto", "profile": profile, "dataset": dataset,
+            "cache": str(cache), "device": "cuda", "evaluator_pins": pins,
+            "readable": [str(HARNESS), str(data / "tokenizer_v8192"), str(data / "tokens_v8192" / "READY")],
+            "hidden": [], "compile_cache": str(work / "compile-cache"), "feeder_status": str(state / "feeder.json")}
+    t0 = time.time()
+    result = pipeline.run_pipeline(spec)
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    print("TRUSTED " + json.dumps(result, default=str), flush=True)
+    graph = run_dir / "model.graph"
+    if graph.exists():  # the same graph scored again without autocast: how much the evaluator's bf16 moves it
+        again = evaluate(env, graph, pins, work, "evaluator_fp32", None, 240)
+        print("FP32 " + json.dumps({k: again.get(k) for k in ("ok", "val_bpb", "eval_seconds", "error")}), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds of the in-process run")
@@ -122,7 +154,10 @@ def main():
     parser.add_argument("--profile", default="gpu", help="another profile only to try this script on a CPU")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check"))
     parser.add_argument("--skip", default="", help="comma-separated stages to skip")
+    parser.add_argument("--trusted-stage", help=argparse.SUPPRESS)  # re-entry: one stage in its own process
     args = parser.parse_args()
+    if args.trusted_stage:
+        return trusted_run(Path(args.trusted_stage), args.profile, args.dataset, args.pipeline_budget)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -179,6 +214,17 @@ def main():
                                                  "bfloat16", 240)
             summary["evaluator_fp32"] = evaluate(t_env, work / "model.graph", pins, out_dir, "evaluator_fp32",
                                                  None, 240)
+
+    if "trusted" not in skip:
+        work = (out_dir / "trusted_run").resolve()
+        rc, seconds, text = stage("trusted", [sys.executable, __file__, "--trusted-stage", str(work), "--profile",
+                                              args.profile, "--dataset", args.dataset, "--pipeline-budget",
+                                              f"{args.pipeline_budget:g}"], env, out_dir, args.pipeline_budget + 300)
+        line = first_line_time(text, r"^TRUSTED ")
+        summary["trusted"] = json.loads(line[8:]) if line else {"rc": rc}
+        line = first_line_time(text, r"^FP32 ")
+        summary["trusted_fp32"] = json.loads(line[5:]) if line else None
+        summary["trusted_log"] = [l for l in text.splitlines() if not l.startswith(("step ", "eval: "))][-40:]
 
     if "pool" not in skip:
         code = "from server import pool; print('POOL', pool.parse_devices('auto') if hasattr(pool, 'parse_devices') else dir(pool))"
