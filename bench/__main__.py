@@ -8,6 +8,9 @@ Sections (--only takes any of these names, comma-separated):
   mfu       CPU training MFU of the cpu profile's model vs the measured matmul peak (bench/train_mfu.py)
   eval      evaluate_bpb time as a share of the training budget, per profile (gpu/small: labelled estimates)
   noise     the noise floor: std of val_bpb over seeded re-runs (the server's measure_noise tool)
+  evaluator the trusted evaluator: hand-over export, the evaluator's start-up, its scoring vs evaluate_bpb
+  experiment one whole experiment's wall time over its budget, at the profile's full budget (bench/experiment.py;
+            --budget shortens it)
 
 Defaults: the cpu profile at a 60 s budget for the loop sections (overhead, noise): about 15 minutes on a 2-core
 box. --full uses the profile's whole 300 s budget (about 40 minutes); --quick the smoke profile at 3 s and short
@@ -27,8 +30,9 @@ from datetime import datetime, timezone
 from bench import common
 from bench.common import Row, cache_dir, child, ensure_data, load_average, log, machine
 
-SECTIONS = ("overhead", "latency", "loader", "mfu", "eval", "noise")
-RUN_ORDER = ("overhead", "noise", "latency", "loader", "mfu", "eval")  # noise reuses overhead's kept baseline
+SECTIONS = ("overhead", "latency", "loader", "mfu", "eval", "noise", "evaluator", "experiment")
+RUN_ORDER = ("overhead", "noise", "latency", "loader", "mfu", "eval", "evaluator", "experiment")  # noise reuses
+# overhead's kept baseline
 PROFILE_BUDGET = {"cpu": 300, "smoke": 10}
 
 
@@ -72,6 +76,13 @@ def section_runner(name):
         from bench.eval_share import run
     elif name == "noise":
         from bench.noise import run
+    elif name == "evaluator":
+        from bench.evaluator import evaluator_rows
+
+        def run(opts, shared):
+            return evaluator_rows(opts.cache, profiles=("smoke",) if opts.quick else ("smoke", "cpu"))
+    elif name == "experiment":
+        from bench.experiment import run
     else:
         run = {"loader": loader_rows, "mfu": mfu_rows}[name]
     return run
@@ -106,6 +117,7 @@ def parse_args(argv):
         p.error(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
     opts.loop_profile = "smoke" if opts.quick else "cpu"
     limit = PROFILE_BUDGET[opts.loop_profile]
+    opts.budget_given, opts.profile_budget = opts.budget is not None, limit  # experiment: the whole budget by default
     if opts.budget is None:
         opts.budget = 3.0 if opts.quick else limit if opts.full else 60.0
     if not 0 < opts.budget <= limit:

@@ -1,11 +1,12 @@
 """Loop overhead: the wall time of the `run_experiment` tool (call to answer, through a real in-process MCP client)
 against running `python training/train.py` directly with the same profile, dataset, budget, seed and the very
-environment the server builds (server.workspace.training_env), in the same fresh workspace.
+environment the server builds (server.harness.training_env), in the same fresh workspace.
 
 Order: one untimed warm-up run (torch.compile's on-disk cache, the page cache), then direct, server, server,
 direct (ABBA, so a linear drift of the machine cancels out of the means). Everything the server adds shows up in
-the difference: git checks and commit, pre-flight, the ledger, process bookkeeping, result parsing and the
-monitor's polling.
+the difference: git checks and commit, pre-flight, the ledger, process bookkeeping and the monitor's polling, and
+the trusted pipeline (server/pipeline.py): the feeder beside the trainer, the sandbox, the hand-over export and
+the evaluator's own process (its start-up and probe rows) where the direct run evaluates in process.
 """
 
 import json
@@ -25,7 +26,7 @@ from server.workspace import training_env
 
 SUMMARY_LINE = re.compile(r"^([A-Za-z_]\w*):\s+(.*?)\s*$")
 PEAK_LINE = re.compile(r"peak FLOP/s for MFU:\s*([-+\d.eE]+)")
-TARGET_RATIO = 1.02
+TARGET_RATIO = 1.05
 WARMUP_BUDGET = 1.0
 
 
@@ -91,13 +92,13 @@ class Loop:
         if run["status"] != "succeeded":
             raise RuntimeError(f"run {run['run_id']} {run['status']}: {run.get('error')}\n{run.get('log_tail')}")
         run_dir = self.workspace / ".autoresearch" / "runs" / run["run_id"]
-        result = json.loads((run_dir / "result.json").read_text())
         text = (run_dir / "log.txt").read_text(errors="replace")
         # keep the first (the baseline measure_noise re-runs), discard the rest: the loop an agent would drive
         await call(client, "discard" if self.kept else "keep", run_id=run["run_id"])
         self.kept = True
+        # the trusted evaluator's own scoring time (the official result; no result file in the run dir is read)
         return {"mode": "server", "seconds": seconds, "val_bpb": run["val_bpb"],
-                "eval_seconds": result.get("eval_seconds"), "summary": run.get("metrics") or {},
+                "eval_seconds": (run.get("metrics") or {}).get("eval_seconds"), "summary": run.get("metrics") or {},
                 "peak": peak_flops(text)}
 
 

@@ -40,6 +40,7 @@ spec keys (all JSON-able):
   feeder_status     the feeder's status file (outside the run dir)
   executor, node    where the run is placed (default "local" and this host's name)
   feeder_args       optional extra feeder arguments (tests: --warmup-tokens 0)
+  log               optional: the run's log file, appended to (a host whose stdout is not the log: a Ray task)
 """
 
 import json
@@ -68,16 +69,31 @@ MAX_LINE = 1 << 20      # a child's JSON answer is far smaller; more is not read
 LOG_PREFIX = "[autoresearch] "  # the pipeline's own lines in the run's log
 
 
-def log(line: str) -> None:
-    """A line of the pipeline's own in the run's log (the launcher's stdout is the log). Bracketed so that it never
-    reads as a `key: value` line: it also closes train.py's `---` summary block before the evaluator's lines."""
-    print(f"{LOG_PREFIX}{line}", flush=True)
+def log(line: str, out=None) -> None:
+    """A line of the pipeline's own in the run's log (`out`, else this process's stdout, the launcher's being the
+    log). Bracketed so that it never reads as a `key: value` line: it also closes train.py's `---` summary block
+    before the evaluator's lines."""
+    data = f"{LOG_PREFIX}{line}\n".encode()
+    if out is None:
+        sys.stdout.flush()
+        os.write(1, data)
+    else:
+        out.write(data)
+        out.flush()
 
 
 def run_pipeline(spec: dict) -> dict:
     """Run one experiment end to end; returns the official result (a JSON-able dict, see the module docstring).
     `ok` False with `stage` (sandbox | trainer | handover | evaluator | pipeline) and `error` when it failed;
-    `trainer_returncode` is the trainer's exit status (negative: killed by that signal)."""
+    `trainer_returncode` is the trainer's exit status (negative: killed by that signal).
+    The run's log: spec["log"] (a path, appended to) when given, else this process's stdout and stderr."""
+    if not spec.get("log"):
+        return _run(spec, None)
+    with open(spec["log"], "ab") as out:
+        return _run(spec, out)
+
+
+def _run(spec: dict, out) -> dict:
     t0 = time.time()
     run_dir = Path(spec["run_dir"])
     result = {"ok": False, "stage": None, "error": None, "trainer_returncode": None,
@@ -100,7 +116,7 @@ def run_pipeline(spec: dict) -> dict:
     except WorkspaceError as e:
         return {**result, "stage": "sandbox", "error": str(e)}
     result.update(isolation=launch.isolation, isolation_reason=launch.reason)
-    log(f"isolation {launch.isolation}: {launch.reason}")
+    log(f"isolation {launch.isolation}: {launch.reason}", out)
 
     # 2. feeder and trainer on a socket pair
     feeder_end, trainer_end = socket.socketpair()
@@ -116,10 +132,11 @@ def run_pipeline(spec: dict) -> dict:
     feeder = trainer = None
     try:
         feeder = subprocess.Popen(feeder_cmd, env=trusted_env, cwd=str(run_dir), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, pass_fds=(feeder_end.fileno(),))
+                                  stdout=subprocess.PIPE, stderr=out, pass_fds=(feeder_end.fileno(),))
         feeder_end.close()
         feeder_out = drain(feeder.stdout)
         trainer = sandbox.spawn(launch.argv, env=trainer_env, cwd=str(run_dir), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out and subprocess.STDOUT,
                                 pass_fds=(trainer_end.fileno(),), start_new_session=True)
     except OSError as e:
         if feeder is not None:
@@ -137,12 +154,12 @@ def run_pipeline(spec: dict) -> dict:
     left = watch.leftovers(env.get(MARKER_ENV))
     if left:
         processes.kill_processes(None, left, GRACE_SECONDS)
-        log(f"killed {len(left)} process(es) train.py left running")
+        log(f"killed {len(left)} process(es) train.py left running", out)
     result.update(feeder_figures(feeder, feeder_out, spec.get("feeder_status")))
     result.update(peak_memory_mb=watch.peak_mb, peak_memory_source=watch.source)
     result["timings"] = {"trainer_seconds": round(trainer_seconds, 3)}
     log(f"train.py exited with status {returncode} after {trainer_seconds:.1f} s; the feeder credited "
-        f"{result['training_seconds']} s of training, {result['training_tokens']} tokens")
+        f"{result['training_seconds']} s of training, {result['training_tokens']} tokens", out)
     if returncode != 0:
         return {**result, "stage": "trainer", "error": f"train.py exited with status {returncode}"}
     if not graph.is_file():
@@ -154,7 +171,7 @@ def run_pipeline(spec: dict) -> dict:
     request = {"graph": str(graph), "profile": spec["profile"], "dataset": spec["dataset"], "cache": spec.get("cache"),
                "pins": spec["evaluator_pins"], "device": spec.get("device")}
     t_eval = time.time()
-    answer, code = evaluate(trusted, harness, request, trusted_env, run_dir)
+    answer, code = evaluate(trusted, harness, request, trusted_env, run_dir, out)
     result["timings"].update(evaluator_seconds=round(time.time() - t_eval, 3), total_seconds=round(time.time() - t0, 3))
     if not answer.get("ok"):
         return {**result, "stage": "evaluator", "error": answer.get("error") or f"the evaluator exited with {code}"}
@@ -169,10 +186,10 @@ def run_pipeline(spec: dict) -> dict:
     return result
 
 
-def evaluate(python: str, harness: Path, request: dict, env: dict, cwd: Path) -> tuple[dict, int]:
-    """Run the evaluator on one request: (its answer, its exit status). Its stderr is inherited: the run's log."""
+def evaluate(python: str, harness: Path, request: dict, env: dict, cwd: Path, out=None) -> tuple[dict, int]:
+    """Run the evaluator on one request: (its answer, its exit status). Its stderr is the run's log."""
     proc = subprocess.Popen([python, "-I", "-B", str(harness / "evaluator.py")], env=env, cwd=str(cwd),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out)
     out, _ = proc.communicate(json.dumps(request).encode())
     return last_json(out), proc.returncode
 

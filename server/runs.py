@@ -99,6 +99,7 @@ class RunHandle:
         self.tracked: dict[int, float] = {}  # every process of the run seen so far: {pid: create_time}
         self.phase = "starting"
         self.phase_t0 = self.t0
+        self.phase_seconds: dict[str, float] = {}  # wall seconds per phase, as the monitor saw them change
         self.eval_seen = 0  # `eval:` lines seen in the current evaluating phase
         self.eval_limit: float | None = None  # the evaluating phase's limit, from its measured speed
         self.stop_reason: str | None = None  # cancelled | timed_out | interrupted | crashed, set to end the run
@@ -335,6 +336,7 @@ class RunManager:
         """(phase, limit, elapsed) of the phase in progress when it has run past its limit, else None."""
         progress = handle.log.progress
         if progress["phase"] != handle.phase:
+            handle.phase_seconds[handle.phase] = handle.phase_seconds.get(handle.phase, 0.0) + now - handle.phase_t0
             handle.phase, handle.phase_t0 = progress["phase"], now
             handle.eval_seen, handle.eval_limit = handle.log.eval_lines, None
         factor = watchdog_factor()
@@ -414,7 +416,13 @@ class RunManager:
             if handle.result_fd is not None:
                 os.close(handle.result_fd)
                 handle.result_fd = None
+            end = handle.ended or time.monotonic()
+            phases = {**handle.phase_seconds,
+                      handle.phase: handle.phase_seconds.get(handle.phase, 0.0) + end - handle.phase_t0}
+            final["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
             official = handle.official or {}
+            # where it trained: the executor's answer (a Ray node names itself), else what it was placed on
+            final.update({k: official[k] for k in ("executor", "node", "device") if official.get(k)})
             final.update(isolation=official.get("isolation") or handle.record.get("isolation"),
                          isolation_reason=official.get("isolation_reason") or handle.record.get("isolation_reason"))
             if official:
@@ -467,6 +475,8 @@ class RunManager:
             else:
                 cause = f"{TRAIN} exited with code {rc}"
             return {**failed, "status": "crashed", "error": f"{cause}: {line}" if line else cause}
+        if stage == "interrupted":  # the executor lost the run with its node or worker (server/ray_executor.py)
+            return {**failed, "status": "interrupted", "error": official.get("error")}
         if stage == "evaluator":
             return {**failed, "status": "crashed", "error": f"the trusted evaluator refused the model: {official.get('error')}"}
         return {**failed, "status": "crashed", "error": official.get("error") or f"the run failed ({stage})"}
