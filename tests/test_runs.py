@@ -768,3 +768,87 @@ def test_recover_finds_the_commit_of_a_run_killed_between_its_announcement_and_i
     record = Ledger(workspace).run("r0001")
     assert record["status"] == "interrupted" and record["commit"] == expected
     assert git(workspace, "rev-parse", "refs/autoresearch/runs/r0001") == expected
+
+
+# ------------------------------------------------------------------------------------------------ the real pipeline
+
+REAL_BUDGET = 2  # seconds of training: enough for a few smoke steps, a hand-over and an evaluation
+FORGE = ('import json as _json, os as _os\n'
+         'for _path in (_os.environ.get("AUTORESEARCH_RESULT_FILE", "result.json"), "result.json"):\n'
+         '    _json.dump({"val_bpb": 0.01, "rows_evaluated": 128, "tokens_evaluated": 16384}, open(_path, "w"))\n')
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, prepared_cache):
+    """A real workspace (the packaged harness and train.py, which forges a result file first thing) and its
+    session pins, computed once: describe and the evaluator's --pins, as start_session does."""
+    from server import harness
+    from server.cli import create_workspace
+    ws = tmp_path_factory.mktemp("real") / "ws"
+    create_workspace(ws)
+    train = ws / "training" / "train.py"
+    train.write_text(FORGE + train.read_text())
+    git(ws, "add", "training/train.py")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "forges result.json")
+    described = harness.describe_harness(ws, "smoke", "sotu", prepared_cache, REAL_BUDGET)
+    return ws, prepared_cache, harness.harness_pins(ws, described)
+
+
+def real_run(real, run_id, isolation):
+    ws, cache, session_pins = real
+    mgr = RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache,
+                     budget_seconds=REAL_BUDGET, device="cpu", isolation=isolation)
+    mgr.start(run_id, git(ws, "rev-parse", "HEAD"), f"real {isolation}", seed=42, pins=session_pins, session="t")
+    return mgr, anyio.run(mgr.wait, run_id, None, None)
+
+
+def check_official(mgr, record, session_pins):
+    """The record's val_bpb is what the evaluator answered for the graph in the run dir, the clock the feeder's."""
+    assert record["status"] == "succeeded", (record["error"], record["log_tail"])
+    official = record["official"]
+    assert record["val_bpb"] == official["val_bpb"] != 0.01  # the forged result.json was written and ignored
+    assert json.loads((mgr.run_dir(record["id"]) / "result.json").read_text())["val_bpb"] == 0.01
+    graph = mgr.run_dir(record["id"]) / "model.graph"
+    assert official["graph_sha256"] == hashlib.sha256(graph.read_bytes()).hexdigest()
+    assert official["rows_evaluated"] == session_pins["amounts"]["rows_evaluated"]
+    assert official["val_fingerprint"] == session_pins["val_fingerprint"]
+    assert 0 < official["training_seconds"] <= REAL_BUDGET and official["feeder"]["reason"] in (
+        "budget spent", "trainer finished")
+    assert record["metrics"]["training_seconds"] == official["training_seconds"]  # not train.py's printed figure
+    assert record["metrics"]["peak_vram_mb"] == official["peak_memory_mb"] > 0
+    log = (mgr.run_dir(record["id"]) / "log.txt").read_text()
+    assert "phase: exporting" in log and "phase: evaluating" in log and "eval: 128/128 rows" in log
+    assert device_lock_is_free()
+
+
+@pytest.mark.skipif(not runs.sandbox.probe()[0], reason=f"no sandbox here ({runs.sandbox.probe()[1]})")
+def test_the_real_pipeline_scores_a_sandboxed_run_and_ignores_a_forged_result_file(real):
+    mgr, record = real_run(real, "r0001", "auto")
+    check_official(mgr, record, real[2])
+    assert record["isolation"] == "sandbox" and "own pid namespace" in record["isolation_reason"]
+    assert Ledger(real[0]).run("r0001")["isolation"] == "sandbox"
+
+
+def test_the_real_pipeline_runs_with_isolation_none(real):
+    mgr, record = real_run(real, "r0002", "none")
+    check_official(mgr, record, real[2])
+    assert record["isolation"] == "none" and "unsandboxed" in record["isolation_reason"]
+
+
+def test_isolation_sandbox_without_a_working_sandbox_is_refused_before_anything_starts(workspace, cache, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.setattr(runs.sandbox, "probe", lambda: (False, "bwrap not found"))
+    mgr = manager(workspace, cache, isolation="sandbox")
+    with pytest.raises(WorkspaceError) as refused:
+        mgr.ensure_device_free()
+    assert "bwrap not found" in str(refused.value) and "apt-get install bubblewrap" in str(refused.value)
+    assert "--isolation none" in str(refused.value)
+    assert mgr.isolation_status()[0] == "unavailable"
+    with pytest.raises(WorkspaceError):
+        start(mgr, SUCCEED)
+    assert Ledger(workspace).run("r0001") is None  # refused before the starting record
+    assert manager(workspace, cache, isolation="auto").isolation_in_force() == (
+        "none", "isolation auto: no sandbox here (bwrap not found); the trainer runs unsandboxed")
+    from server.cli import main
+    assert main(["serve", "--workspace", str(workspace), "--isolation", "sandbox"]) != 0
+    assert "bwrap not found" in capsys.readouterr().err
