@@ -188,7 +188,7 @@ def use_backend(runtime, backend, recorder, T, windows, device):
     runtime.use_attention_backend(backend, recorder.fa3 if backend == "fa3" else None)
     if backend == "flex":  # block masks need real kernels to build; the stubbed flex_attention ignores them
         for window in windows:
-            runtime._masks[(T, window, device)] = None
+            runtime._masks[("flex", T, window, device)] = None
 
 
 CUDA_CASES = [(p, b, bf16) for p in ("gpu", "small", "cpu", "smoke") for b in ("fa3", "flex", "sdpa") for bf16 in (True,)]

@@ -176,7 +176,12 @@ def export_model(model, path, shape=None, vocab_size=None, extra_ops=()):
         from prepare import PROFILE, MAX_SEQ_LEN, VOCAB_SIZE
         shape = shape or eval_batch_shape(PROFILE.name, MAX_SEQ_LEN)
         vocab_size = vocab_size or VOCAB_SIZE
-    ep = export_program(model, shape, vocab_size)
+    try:
+        from runtime import portable_attention  # the harness's attention: exported as SDPA, see there
+    except ImportError:
+        from contextlib import nullcontext as portable_attention
+    with portable_attention():
+        ep = export_program(model, shape, vocab_size)
     _check_signature(ep.graph_signature)
     return write_program(ep, path, extra_ops=extra_ops)
 

@@ -8,7 +8,7 @@ change it. Importing it is cheap: the measurements (matmul peaks, kernel loading
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +158,7 @@ def choose_precision(device_type=DEVICE_TYPE):
 
 _backend = None  # "fa3" | "flex" | "sdpa", chosen once by attention_backend()
 _fa3 = None      # the Flash Attention 3 module, when it loaded
-_masks = {}      # (T, window, device type) -> SDPA boolean mask or flex BlockMask
+_masks = {}      # (backend, T, window, device type) -> SDPA boolean mask or flex BlockMask
 
 
 def _load_fa3():
@@ -195,6 +195,20 @@ def use_attention_backend(name, fa3_module=None):
     _backend, _fa3 = name, fa3_module or _fa3
 
 
+@contextmanager
+def portable_attention():
+    """SDPA for the duration, whatever backend trains: the hand-over (training/handover.py) exports the model under
+    it. flex_attention's BlockMask does not serialize (torch 2.11 on an H200) and FA3 is a hub kernel the evaluator
+    would have to load; SDPA computes the same causal sliding-window attention with a boolean mask."""
+    global _backend
+    previous = attention_backend()
+    _backend = "sdpa"
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
 def sliding_window_mask(T, window, device):
     """Boolean (T, T) mask, True where query i may attend key j: causal and at most `window` tokens back."""
     i = torch.arange(T, device=device)[:, None]
@@ -214,14 +228,14 @@ def build_attention_masks(T, windows, device=DEVICE):
     traces changes under its feet, and the graph is recompiled (on a CPU that about doubles compile time)."""
     backend = attention_backend()
     for window in set(windows):
-        key = (T, window, torch.device(device).type)
+        key = (backend, T, window, torch.device(device).type)
         if window < T - 1 and key not in _masks and backend != "fa3":
             build = _flex_block_mask if backend == "flex" else sliding_window_mask
             _masks[key] = build(T, window, device)
 
 
 def _mask(T, window, device):
-    key = (T, window, device.type)
+    key = (_backend, T, window, device.type)
     if key not in _masks:  # not built up front: fine eagerly, a recompile when compiled
         build_attention_masks(T, [window], device)
     return _masks[key]
