@@ -147,15 +147,16 @@ def prepare_sha256(workspace: Path) -> str | None:
 
 def harness_pins(workspace: Path, describe: dict) -> dict:
     """What must not change during a session. "evaluator" holds the evaluator's own pins (the sha256 of the
-    harness files it imports and of the data files it scores with), asked of it once here; None while the data
-    is not prepared (session_pins asks again once it is)."""
-    ready = bool(describe.get("ready")) and describe.get("val_fingerprint") is not None
-    return {"prepare_sha256": prepare_sha256(workspace), "harness_sha256": harness_sha256(workspace),
+    harness files it imports and of the data files it scores with), asked of it once here; absent while the data
+    is not prepared (session_pins asks again once it is; runs.pipeline_spec asks for sessions pinned before)."""
+    pins = {"prepare_sha256": prepare_sha256(workspace), "harness_sha256": harness_sha256(workspace),
             "profile": describe["profile"], "val_fingerprint": describe.get("val_fingerprint"),
             "amounts": {key: describe[source] for key, source in PINNED_AMOUNTS.items()
-                        if isinstance(describe.get(source), int)},
-            "evaluator": evaluator_pins(workspace, describe["profile"]["name"], describe["dataset"],
-                                        describe.get("cache_dir")) if ready else None}
+                        if isinstance(describe.get(source), int)}}
+    if describe.get("ready") and describe.get("val_fingerprint") is not None:
+        pins["evaluator"] = evaluator_pins(workspace, describe["profile"]["name"], describe["dataset"],
+                                           describe.get("cache_dir"))
+    return pins
 
 
 def evaluator_pins(workspace: Path, profile: str, dataset: str, cache) -> dict:

@@ -827,6 +827,7 @@ def test_the_real_pipeline_scores_a_sandboxed_run_and_ignores_a_forged_result_fi
     check_official(mgr, record, real[2])
     assert record["isolation"] == "sandbox" and "own pid namespace" in record["isolation_reason"]
     assert Ledger(real[0]).run("r0001")["isolation"] == "sandbox"
+    assert (real[0] / ".autoresearch" / "compile-cache").is_dir()  # bound writable for torch.compile's caches
 
 
 def test_the_real_pipeline_runs_with_isolation_none(real):
