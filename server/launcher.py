@@ -64,7 +64,11 @@ def main(argv: list[str]) -> None:
     spec = json.loads(args.spec)
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     threading.Thread(target=guard, args=(args.server_pid,), daemon=True, name="launcher-guard").start()
-    result = run_pipeline(spec)
+    if spec.get("ray"):  # the pipeline runs on a Ray node; this process streams it (server/ray_executor.py)
+        from server.ray_executor import run_remote
+        result = run_remote(spec)
+    else:
+        result = run_pipeline(spec)
     write_result(args.result_fd, result)
     sys.exit(0)
 

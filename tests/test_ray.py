@@ -1,0 +1,203 @@
+"""The Ray executor (server/ray_executor.py) on a private local Ray instance (`--ray-address local`): a run trains
+in a Ray actor on the node and comes back with its log, result, executor, node and device; a Ray worker killed
+mid-run is recorded `interrupted` naming the node; cancel takes the node's processes down; a node whose prepared
+data is not the session's refuses in words naming the prepare command; no Ray, one line with the pip command.
+
+Fake train.py files (plain Python, no torch) keep it cheap; one Ray instance serves the whole module.
+"""
+
+import hashlib
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import anyio
+import psutil
+import pytest
+
+from server import ray_executor
+from server.errors import WorkspaceError
+from server.gitops import Git
+from server.ledger import Ledger
+from server.pool import Pool, parse_devices
+from server.runs import RunManager
+
+ray = pytest.importorskip("ray")
+
+FINGERPRINT = "a" * 64
+PROFILE = {"name": "smoke", "max_seq_len": 128, "time_budget": 5, "eval_tokens": 2**14, "vocab_size": 8192}
+ROWS, TOKENS = 128, 2**14
+# A stand-in harness with the real protocols (no torch): the feeder holds its socket until the trainer is gone, the
+# evaluator scores the JSON "model" train.py hands over, and `--pins` fingerprints the cache's val file (the node's
+# data check asks it).
+FEEDER = """
+import json, socket, sys
+sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
+while True:
+    try:
+        if not sock.recv(4096):
+            break
+    except OSError:
+        break
+print(json.dumps({"phase": "ended", "training_seconds": 1.5, "tokens": 4096, "warmup_tokens": 0}), flush=True)
+"""
+EVALUATOR = f"""
+import json, os, sys
+if "--pins" in sys.argv:
+    cache = sys.argv[sys.argv.index("--cache") + 1]
+    print(json.dumps({{"harness": {{}}, "data": {{"val.bin": open(os.path.join(cache, "fingerprint")).read()}}}}))
+    sys.exit(0)
+request = json.loads(sys.stdin.read())
+model = json.load(open(request["graph"]))
+print("phase: evaluating", file=sys.stderr, flush=True)
+print(json.dumps({{"ok": True, "profile": request["profile"], "dataset": request["dataset"], "rows_evaluated": {ROWS},
+                  "tokens_evaluated": {TOKENS}, "val_fingerprint": request["pins"]["data"]["val.bin"], **model}}))
+"""
+FAKE = """
+import json, os, sys, time
+def result(val_bpb=0.9):
+    with open(os.environ["AUTORESEARCH_HANDOVER"], "w") as f:
+        json.dump({"val_bpb": val_bpb}, f)
+"""
+SUCCEED = """
+print("phase: training", flush=True)
+print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+result(0.987)
+"""
+HANGS = """
+print("phase: training", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def executor(tmp_path_factory):
+    """One private Ray instance for the module, behind a cpu:2 pool of this machine."""
+    pool = Pool(parse_devices("cpu:2", cores=[0, 1]))
+    started = time.monotonic()
+    ex = ray_executor.RayExecutor(pool, ray_executor.LOCAL)
+    print(f"local Ray instance up in {time.monotonic() - started:.1f} s at {ex.address}")
+    yield ex
+    ex.close()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "training").mkdir(parents=True)
+    (ws / "training" / "prepare.py").write_text("# a stand-in\n")
+    (ws / "training" / "feeder.py").write_text(FEEDER)
+    (ws / "training" / "evaluator.py").write_text(EVALUATOR)
+    (ws / "training" / "train.py").write_text(FAKE + SUCCEED)
+    (ws / ".gitignore").write_text(".autoresearch/\n")
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    return ws
+
+
+@pytest.fixture
+def cache(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "fingerprint").write_text(FINGERPRINT)
+    return folder
+
+
+def git(ws, *args):
+    return subprocess.run(["git", "-C", str(ws), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def pins(ws, fingerprint=FINGERPRINT):
+    return {"prepare_sha256": hashlib.sha256((ws / "training" / "prepare.py").read_bytes()).hexdigest(),
+            "profile": dict(PROFILE), "val_fingerprint": FINGERPRINT,
+            "amounts": {"rows_evaluated": ROWS, "tokens_evaluated": TOKENS},
+            "evaluator": {"harness": {}, "data": {"val.bin": fingerprint}}}
+
+
+def start(ws, cache, executor, source, run_id="r0001", fingerprint=FINGERPRINT):
+    (ws / "training" / "train.py").write_text(FAKE + textwrap.dedent(source))
+    git(ws, "add", "training/train.py")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "experiment")
+    mgr = RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache, budget_seconds=5,
+                     device="cpu", executor=executor, isolation="none")
+    mgr.start(run_id, git(ws, "rev-parse", "HEAD"), "test", seed=42, pins=pins(ws, fingerprint), session="t")
+    return mgr
+
+
+def node_processes(marker: str) -> list[psutil.Process]:
+    """Processes on this (the only) node whose command line names the marker."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in proc.info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+def trainers(run_id: str) -> list[psutil.Process]:
+    """The run's train.py process on the node (its node-side launcher names train.py too)."""
+    return [p for p in node_processes(f"autoresearch-{run_id}-")
+            if p.info["cmdline"][-1].endswith("train.py") and "server.launcher" not in p.info["cmdline"]]
+
+
+def wait_until(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.1)
+
+
+def test_a_run_trains_on_a_ray_node_and_records_executor_node_and_device(workspace, cache, executor):
+    mgr = start(workspace, cache, executor, SUCCEED)
+    record = anyio.run(mgr.wait, "r0001", 120, None)
+    log = (workspace / ".autoresearch" / "runs" / "r0001" / "log.txt").read_text()
+    assert record["status"] == "succeeded", log
+    assert record["val_bpb"] == 0.987
+    assert f"running on Ray node {socket.gethostname()}" in log
+    assert "threads 1" in log  # the slot's torch threads reached the trainer on the node
+    assert (record["executor"], record["node"], record["device"]) == ("ray", socket.gethostname(), "cpu")
+    assert record["official"]["node"] == socket.gethostname()
+
+
+def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(workspace, cache, executor):
+    mgr = start(workspace, cache, executor, HANGS, run_id="r0002")  # run ids unique to each test: found by name
+    handle = mgr.get("r0002")
+    wait_until(lambda: "phase: training" in handle.log_path.read_text())
+    (trainer,) = trainers("r0002")
+    node_launcher = trainer.parent()
+    worker = node_launcher.parent()
+    assert worker.name().startswith("ray::") or "ray" in " ".join(worker.cmdline())
+    worker.kill()  # the Ray worker dies under the run, as it would with its node
+    record = anyio.run(mgr.wait, "r0002", 120, None)
+    assert record["status"] == "interrupted", record
+    assert socket.gethostname() in record["error"] and "Ray worker" in record["error"]
+    assert record["node"] == socket.gethostname() and record["executor"] == "ray"
+    wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=30)
+
+
+def test_cancel_kills_the_run_on_its_node(workspace, cache, executor):
+    mgr = start(workspace, cache, executor, HANGS, run_id="r0003")
+    handle = mgr.get("r0003")
+    wait_until(lambda: "phase: training" in handle.log_path.read_text())
+    (trainer,) = trainers("r0003")
+    record = mgr.cancel("r0003")
+    assert record["status"] == "cancelled"
+    wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=30)
+
+
+def test_a_node_with_other_data_refuses_naming_the_prepare_command(workspace, cache, executor):
+    mgr = start(workspace, cache, executor, SUCCEED, run_id="r0004", fingerprint="b" * 64)
+    record = anyio.run(mgr.wait, "r0004", 120, None)
+    assert record["status"] == "crashed"
+    log = (workspace / ".autoresearch" / "runs" / "r0004" / "log.txt").read_text()
+    assert "differs from the session's" in log and "autoresearch-mcp prepare --dataset sotu --profile smoke" in log
+    assert "autoresearch-mcp prepare --dataset sotu" in record["error"]
+
+
+def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    with pytest.raises(WorkspaceError) as missing:
+        ray_executor.RayExecutor(Pool(parse_devices("cpu:1", cores=[0])), ray_executor.LOCAL)
+    assert str(missing.value).count("\n") == 0 and 'pip install "autoresearch-mcp[ray]"' in str(missing.value)
