@@ -111,6 +111,9 @@ def settings_from(args):
         budget_seconds=float(budget) if budget else None,
     )
     settings.isolation = getattr(args, "isolation", None) or "auto"  # serve --isolation; other commands: auto
+    settings.devices = getattr(args, "devices", None)  # serve --devices / --executor / --ray-address
+    settings.executor = getattr(args, "executor", None) or "local"
+    settings.ray_address = getattr(args, "ray_address", None)
     return settings
 
 
@@ -121,9 +124,23 @@ def cmd_serve(args) -> int:
     existing_workspace(args.workspace)
     from server.sandbox import resolve
     resolve(args.isolation)  # --isolation sandbox where no sandbox works: say so now, not at the first run
+    check_pool_flags(args)
     token = load_token(args.token_file) if args.transport == "http" else None
     serve(settings_from(args), args.transport, args.host, args.port, token)
     return 0
+
+
+def check_pool_flags(args) -> None:
+    """A bad --devices, --executor ray without Ray, or --ray-address without --executor ray: one line now."""
+    from server.pool import parse_devices
+
+    if args.ray_address and args.executor != "ray":
+        raise WorkspaceError(f"--ray-address {args.ray_address} needs --executor ray.")
+    if args.devices is not None:
+        parse_devices(args.devices)
+    if args.executor == "ray":
+        from server.ray_executor import import_ray
+        import_ray()
 
 
 def cmd_results(args) -> int:
@@ -220,6 +237,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
     p.add_argument("--token-file", help="file holding the bearer token (else $AUTORESEARCH_TOKEN)")
+    p.add_argument("--devices", help="run several experiments at once: auto (every local GPU, else one CPU slot), "
+                                     "cuda:0,cuda:1, or cpu:N (the cores split into N slots); runs beyond the free "
+                                     "slots wait as queued (default: the harness's one device, one run at a time)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where runs train: this machine, or a Ray cluster (pip install \"autoresearch-mcp[ray]\")")
+    p.add_argument("--ray-address", help="with --executor ray: the cluster's head (ADDR, auto), or local for a "
+                                         "private one-machine Ray instance (default auto)")
     p.add_argument("--isolation", choices=["auto", "sandbox", "none"], default="auto",
                    help="the trainer's sandbox: auto (bubblewrap where it works), sandbox (required), none")
     p.set_defaults(func=cmd_serve)

@@ -15,6 +15,7 @@ the servers on this machine were started with. The locks are flocks held by each
 per lock passed to it), so a dead holder frees them by itself.
 """
 
+import json
 import os
 import re
 import shutil
@@ -236,3 +237,66 @@ def pin_to_cores(pid: int, slot: Slot) -> None:
         os.sched_setaffinity(pid, slot.cores)
     except OSError as e:
         print(f"autoresearch: could not pin run to cores {slot.cores}: {e}", file=sys.stderr)
+
+
+class PoolExecutor:
+    """Runs on this machine on the pool's slots: the executor interface of server/executor.py (acquire a device,
+    launch a run on it) for several devices. The run's launcher inherits every lock of its slot; the slot's env
+    reaches the trainer, feeder and evaluator through the spec, and a CPU run is pinned to its cores."""
+
+    name = "local"
+
+    def __init__(self, pool: Pool, python: str = sys.executable):
+        self.pool = pool
+        self.python = python
+
+    @property
+    def device(self) -> str:
+        return self.pool.device
+
+    def acquire(self) -> SlotLock:
+        held = self.pool.acquire()
+        if held is None:
+            raise self.pool.busy_error()
+        return held
+
+    def try_acquire(self) -> SlotLock | None:
+        return self.pool.acquire()
+
+    def ensure_free(self) -> None:
+        self.acquire().release()
+
+    def launch(self, lock: SlotLock, spec: dict, cwd: Path, env: dict, log_path: Path,
+               result_fd: int) -> subprocess.Popen:
+        slot = lock.slot
+        spec = {**spec, "python": spec.get("python") or self.python, "executor": "local", "device": slot.device,
+                "slot": slot.name, "env": run_env(spec["env"], slot)}
+        command = [sys.executable, "-I", "-m", "server.launcher", str(os.getpid()), "--result-fd", str(result_fd),
+                   "--spec", json.dumps(spec)]
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(command, cwd=cwd, env=run_env(env, slot), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     pass_fds=(*lock.fds, result_fd))
+        pin_to_cores(popen.pid, slot)
+        return popen
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(settings) -> dict:
+    """RunManager's executor arguments for a server's settings (--devices, --executor, --ray-address): {} for the
+    harness's one device as before (no pool, no queue); else the pool's executor, with queueing."""
+    executor = getattr(settings, "executor", "local") or "local"
+    devices, address = getattr(settings, "devices", None), getattr(settings, "ray_address", None)
+    if executor not in ("local", "ray"):
+        raise WorkspaceError(f"--executor {executor} is not known; pass --executor local (this machine) or ray.")
+    if address and executor != "ray":
+        raise WorkspaceError(f"--ray-address {address} needs --executor ray.")
+    if devices is None and executor == "local":
+        return {}
+    pool = Pool.from_devices(devices)
+    if executor == "ray":
+        from server.ray_executor import RayExecutor
+        return {"executor": RayExecutor(pool, address or "auto", settings.python), "queue": True}
+    return {"executor": PoolExecutor(pool, settings.python), "queue": True}

@@ -239,7 +239,8 @@ class NodeRunBase:
         gpus = context.get_accelerator_ids().get("GPU") or []
         device = "cuda" if gpus else spec.get("device") or "cpu"
         where = {"executor": "ray", "node": node_name(), "node_id": context.get_node_id(),
-                 "node_ip": ray.util.get_node_ip_address(), "device": f"cuda:{gpus[0]}" if gpus else device}
+                 "node_ip": ray.util.get_node_ip_address(),
+                 "device": f"cuda:{gpus[0]}" if gpus else spec.get("slot") or device}  # the GPU Ray gave, or the slot
         cache = os.environ.get("AUTORESEARCH_CACHE") or spec.get("cache")  # a node may keep its data elsewhere
         root = node_harness(spec)
         check_node(spec, root, cache)
@@ -363,6 +364,14 @@ def run_remote(spec: dict) -> dict:
     where = None
     try:
         ray.init(address=settings["address"], logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    except Exception as e:  # noqa: BLE001 - no cluster there, or it refused us: say where and what to do
+        error = (f"could not connect to the Ray cluster at {settings['address']} ({type(e).__name__}: "
+                 f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); start it (`ray start --head` "
+                 "on its head node) or serve with --ray-address local")
+        out.write(f"autoresearch: {error}\n".encode())
+        out.flush()
+        return {**failed, "error": error}
+    try:
         resources = settings["resources"]
         actor = node_run_actor().options(num_cpus=resources.get("num_cpus", 0),
                                          num_gpus=resources.get("num_gpus", 0)).remote()

@@ -38,6 +38,7 @@ KILL_GRACE_SECONDS = 5.0  # after SIGTERM, how long the process group gets to ex
 POLL_SECONDS = 0.2  # monitor tick: reading new log bytes, checking exit, watchdogs, cancellation
 TRACK_SECONDS = 1.0  # how often the monitor records the run's descendants (they may escape the group later)
 PROGRESS_SECONDS = 2.0  # on_progress cadence in wait()
+QUEUE_POLL_SECONDS = 0.5  # how often the scheduler looks for a free slot for a queued run
 MAX_LOG_BYTES = 256 * 2**20  # a run printing more than this is killed: it would fill the disk overnight
 MAX_RESULT_BYTES = 1 << 20  # the official result is a few hundred bytes; more than this on the pipe is not read
 
@@ -142,7 +143,7 @@ class RunManager:
     def __init__(self, workspace: Path, ledger, git, *, profile: str, dataset: str, cache: Path,
                  budget_seconds: float, python: str = sys.executable, device: str = "cpu",
                  timeout_seconds: float | None = None, executor: LocalExecutor | None = None,
-                 isolation: str = "auto"):
+                 isolation: str = "auto", queue: bool = False):
         self.workspace = Path(workspace).resolve()
         self.ledger = ledger
         self.git = git
@@ -157,13 +158,31 @@ class RunManager:
         self.isolation = sandbox.check_isolation(isolation)  # asked for: auto | sandbox | none
         self._evaluator_pins: dict | None = None  # for sessions pinned before the evaluator's pins existed
         self.handles: dict[str, RunHandle] = {}  # runs started by this process
-        self._current: RunHandle | None = None
+        # queue: a run that finds every slot busy waits as `queued` (else start raises the busy error); the
+        # scheduler thread launches queued runs in order as slots free, here or in another server
+        self.queueing = queue
+        self.queue: list[RunHandle] = []
+        self._queue_lock = threading.Lock()
+        self._scheduler: threading.Thread | None = None
 
     # ------------------------------------------------------------------ queries
 
+    def in_flight(self) -> list[RunHandle]:
+        """This server's runs queued or training now, oldest first."""
+        return [h for h in list(self.handles.values()) if not h.done.is_set()]
+
     def current(self) -> RunHandle | None:
-        handle = self._current
-        return handle if handle is not None and not handle.done.is_set() else None
+        """The oldest run in flight (one of several when the pool has more slots)."""
+        flying = self.in_flight()
+        return flying[0] if flying else None
+
+    def has_room(self) -> bool:
+        """Whether start() takes another run now: always when queueing, else when nothing is in flight."""
+        return self.queueing or self.current() is None
+
+    @property
+    def executor_name(self) -> str:
+        return getattr(self.executor, "name", "local")
 
     def get(self, run_id: str) -> RunHandle | None:
         return self.handles.get(run_id)
@@ -173,6 +192,8 @@ class RunManager:
         handle = self.require(run_id)
         with handle.mutex:
             progress = dict(handle.log.progress)
+        if handle.popen is None and not handle.done.is_set():
+            progress["phase"] = "queued"
         if handle.done.is_set() and handle.record.get("status") == "succeeded":
             progress.update(phase="done", percent=100.0, seconds_left=0.0,
                             eval_percent=100.0 if progress.get("eval_percent") is not None else None)
@@ -195,7 +216,17 @@ class RunManager:
         """Raise now, before the caller commits anything, what would stop a run from starting: a busy device, or
         --isolation sandbox where no sandbox works."""
         self.isolation_in_force()
-        self.executor.ensure_free()
+        if not self.queueing:  # a queueing manager takes the run anyway: it waits for a slot as `queued`
+            self.executor.ensure_free()
+
+    def try_acquire(self):
+        """A free slot's lock, or None when every slot is busy (an executor without a pool: its one device)."""
+        if hasattr(self.executor, "try_acquire"):
+            return self.executor.try_acquire()
+        try:
+            return self.executor.acquire()
+        except WorkspaceError:
+            return None
 
     def isolation_in_force(self) -> tuple[str, str]:
         """(sandbox | none, the reason line) for the runs this manager starts; WorkspaceError when the sandbox was
@@ -256,8 +287,11 @@ class RunManager:
     def start(self, run_id: str, commit: str, description: str, *, seed: int, kind: str = "experiment",
               pins: dict, session: str | None = None, parent: str | None = None,
               announced: bool = False) -> RunHandle:
-        """Launch the train.py of `commit`. The caller holds the workspace lock."""
-        if (running := self.current()) is not None:
+        """Launch the train.py of `commit` on a free slot; when every slot is busy, raise the busy error, or with
+        queueing record the run `queued` for the scheduler to launch when a slot frees. The caller holds the
+        workspace lock."""
+        if not self.has_room():
+            running = self.current()
             raise WorkspaceError(f"Run {running.run_id} is still training; wait for it or cancel it first.")
         isolation, isolation_reason = self.isolation_in_force()
         source = self.git.show_file(commit, TRAIN)  # the code of the commit, whatever the working tree holds now
@@ -267,14 +301,37 @@ class RunManager:
         script.write_text(source, encoding="utf-8")
         handle.result_path.unlink(missing_ok=True)  # a stale result must never pass for this run's
         handle.log_path.write_bytes(b"")
-        handle.lock = self.executor.acquire()
-        try:
-            handle.record = self.starting_record(run_id, commit, description, seed=seed, kind=kind, session=session,
-                                                 parent=parent)
-            handle.record.update(isolation=isolation, isolation_reason=isolation_reason)
-            # fsynced before anything is spawned: recovery will find it, with the commit that runs
-            self.ledger.append({"type": "run", "id": run_id, "commit": commit, "isolation": isolation,
+        lock = self.try_acquire() if self.queueing else self.executor.acquire()
+        handle.record = self.starting_record(run_id, commit, description, seed=seed, kind=kind, session=session,
+                                             parent=parent)
+        handle.record.update(isolation=isolation, isolation_reason=isolation_reason, executor=self.executor_name)
+        if lock is None:
+            handle.record.update(status="queued", device=None)
+            self.ledger.append({"type": "run", "id": run_id, "commit": commit, "status": "queued", "device": None,
+                                "executor": self.executor_name, "isolation": isolation,
                                 "isolation_reason": isolation_reason} if announced else dict(handle.record))
+            handle.queued_with = (pins, seed)
+            self.handles[run_id] = handle
+            with self._queue_lock:
+                self.queue.append(handle)
+                if self._scheduler is None:
+                    self._scheduler = threading.Thread(target=self.schedule, name="run-scheduler", daemon=True)
+                    self._scheduler.start()
+            return handle
+        self.launch(handle, lock, pins, seed, first_record=not announced)
+        return handle
+
+    def launch(self, handle: RunHandle, lock, pins: dict, seed: int, first_record: bool = False) -> None:
+        """Start a run on the slot it holds (`lock`, released here: the launcher holds it from now on)."""
+        run_id, commit = handle.run_id, handle.commit
+        handle.lock = lock
+        handle.record.update(device=getattr(lock, "device", self.device), status="starting")
+        try:
+            # fsynced before anything is spawned: recovery will find it, with the commit that runs
+            self.ledger.append(dict(handle.record) if first_record else {
+                "type": "run", "id": run_id, "commit": commit, "status": "starting",
+                "device": handle.record["device"], "executor": self.executor_name,
+                "isolation": handle.record.get("isolation"), "isolation_reason": handle.record.get("isolation_reason")})
             env = training_env(self.workspace, profile=self.profile, dataset=self.dataset, cache=self.cache,
                                budget=self.budget_seconds, result_file=handle.result_path, seed=seed)
             try:
@@ -299,6 +356,7 @@ class RunManager:
                 os.close(write_end)
             os.set_blocking(read_end, False)
             handle.result_fd = read_end
+            handle.lock_paths = [lk.path for lk in getattr(lock, "locks", [lock])]
         finally:
             handle.lock.release()  # the launcher holds it now (or nothing does: the start failed)
         handle.pid = handle.popen.pid
@@ -306,7 +364,6 @@ class RunManager:
         self.describe_holder(handle)
         handle.record.update(status="running", pid=handle.pid, pgid=handle.pid, proc_create_time=handle.started)
         self.handles[run_id] = handle
-        self._current = handle
         try:
             self.ledger.append({"type": "run", "id": run_id, "status": "running", "pid": handle.pid,
                                 "pgid": handle.pid, "proc_create_time": handle.started})
@@ -314,21 +371,60 @@ class RunManager:
             handle.stop_reason = "crashed"
             handle.stop_error = "could not record the run's start in the ledger"
         threading.Thread(target=self.monitor, args=(handle, pins), name=f"run-{run_id}", daemon=True).start()
-        return handle
+
+    def schedule(self) -> None:
+        """The scheduler thread: launches queued runs in order as slots free (the locks are machine-wide, so a
+        slot another server's run frees counts too), and settles queued runs stopped before they started."""
+        while True:
+            with self._queue_lock:
+                for handle in [h for h in self.queue if h.stop_reason is not None]:
+                    self.queue.remove(handle)
+                    self.end_queued(handle, "cancelled" if handle.stop_reason == "cancelled" else "interrupted",
+                                    "stopped while it was queued for a device")
+                if not self.queue:
+                    self._scheduler = None
+                    return
+                handle = self.queue[0]
+            lock = self.try_acquire()
+            if lock is None:
+                time.sleep(QUEUE_POLL_SECONDS)
+                continue
+            with self._queue_lock:
+                if handle.stop_reason is not None or handle not in self.queue:
+                    lock.release()
+                    continue
+                self.queue.remove(handle)
+            try:
+                self.launch(handle, lock, *handle.queued_with)
+            except BaseException as e:  # recorded crashed by launch; the waiters learn it here
+                self.end_queued(handle, "crashed", f"the run could not start: {e}", record=False)
+
+    def end_queued(self, handle: RunHandle, status: str, error: str, record: bool = True) -> None:
+        final = {"type": "run", "id": handle.run_id, "status": status, "ended_at": now_iso(), "error": error,
+                 "val_bpb": None}
+        if record:
+            try:
+                self.ledger.append(dict(final))
+            except Exception as e:  # noqa: BLE001 - the record stays in memory for wait()
+                print(f"autoresearch: could not record the end of run {handle.run_id}: {e!r}", file=sys.stderr)
+        handle.record = {**handle.record, **final}
+        handle.ended = time.monotonic()
+        handle.done.set()
 
     def describe_holder(self, handle: RunHandle) -> None:
         """Name the run in the lock file (the launcher holds the lock; this descriptor only writes the note)."""
-        try:
-            fd = os.open(self.lock_path(), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            return
-        try:
-            info = json.dumps({"pid": handle.pid, "create_time": handle.started, "server_pid": os.getpid(),
-                               "workspace": str(self.workspace), "run_id": handle.run_id, "started": now_iso()})
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode() + b"\n", 0)
-        finally:
-            os.close(fd)
+        info = json.dumps({"pid": handle.pid, "create_time": handle.started, "server_pid": os.getpid(),
+                           "workspace": str(self.workspace), "run_id": handle.run_id, "started": now_iso()})
+        for path in getattr(handle, "lock_paths", None) or [self.lock_path()]:  # every lock of the run's slot
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, info.encode() + b"\n", 0)
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------------ watchdogs
 
@@ -422,7 +518,9 @@ class RunManager:
             final["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
             official = handle.official or {}
             # where it trained: the executor's answer (a Ray node names itself), else what it was placed on
-            final.update({k: official[k] for k in ("executor", "node", "device") if official.get(k)})
+            final.update({k: official[k] for k in ("executor", "node") if official.get(k)})
+            if official.get("executor") == "ray" and official.get("device"):  # the GPU the node gave it
+                final["device"] = official["device"]
             final.update(isolation=official.get("isolation") or handle.record.get("isolation"),
                          isolation_reason=official.get("isolation_reason") or handle.record.get("isolation_reason"))
             if official:
@@ -514,8 +612,11 @@ class RunManager:
 
     def shutdown(self) -> None:
         """At server exit: a run nobody can wait for any more is stopped and recorded `interrupted`."""
-        if (handle := self.current()) is not None:
-            self.stop(handle.run_id, "interrupted")
+        for handle in sorted(self.in_flight(), key=lambda h: h.popen is not None):  # queued ones first: none
+            self.stop(handle.run_id, "interrupted")                                 # may take a freed slot
+        close = getattr(self.executor, "close", None)
+        if close is not None:  # a private Ray instance goes with the server
+            close()
 
     def stop(self, run_id: str, reason: str) -> dict:
         handle = self.require(run_id)
@@ -528,13 +629,13 @@ class RunManager:
     # ------------------------------------------------------------------ after a server crash
 
     def recover(self) -> list[str]:
-        """Runs the ledger still calls "starting" or "running" whose server is gone: kill whatever is left of them
+        """Runs the ledger still calls "queued", "starting" or "running" whose server is gone: kill whatever is left of them
         (the launcher by pid and start time; anything carrying the run's result-file entry) and record them
         `interrupted` with the reason. The launcher takes its run down when its server dies, so usually nothing is
         left; the device lock is the launcher's and freed with it. Returns the ids settled."""
         recovered = []
         for run in self.ledger.runs():
-            if run.get("status") not in ("starting", "running") or run["id"] in self.handles:
+            if run.get("status") not in ("queued", "starting", "running") or run["id"] in self.handles:
                 continue
             if run.get("server_create_time") is not None and is_alive(run.get("server_pid"),
                                                                     run["server_create_time"]):
@@ -550,8 +651,9 @@ class RunManager:
             killed = kill_processes(pid if leader_alive else None, procs, KILL_GRACE_SECONDS)
             what = (f"killed its leftover processes (pids {', '.join(map(str, sorted(killed)))})" if killed
                     else "its processes had already exited")
-            when = ("while this run was starting (its process may never have been spawned)"
-                    if run.get("status") == "starting" else "while this run was training")
+            when = {"queued": "while this run was queued for a device (it never started)",
+                    "starting": "while this run was starting (its process may never have been spawned)"}.get(
+                        run.get("status"), "while this run was training")
             tail = read_tail(layout.log_path(self.workspace, run["id"]))
             self.ledger.append({
                 "type": "run", "id": run["id"], "status": "interrupted", "val_bpb": None, "ended_at": now_iso(),

@@ -175,3 +175,67 @@ def test_run_env_and_affinity_keep_a_run_on_its_slot():
     finally:
         child.kill()
         child.wait()
+
+
+# ---------------------------------------------------------------- the issue's test: two candidates at once
+
+
+def parallel_loop(settings, workspace) -> None:
+    """Through the tools on a cpu:2 pool: two candidates launched with max_wait_seconds=0 train at once (two runs
+    in flight in status, each on its own slot), one is kept and the other rebased onto it. Real smoke runs."""
+    import anyio
+    from mcp import Client
+
+    from server.app import create_server
+    from server.gitops import TRAIN
+    from support import call, git
+
+    server = create_server(settings)
+    train = workspace / TRAIN
+
+    async def main():
+        async with Client(server) as client:
+            await call(client, "start_session", tag="pool")
+            source = train.read_text()
+            lines = [line for line in source.splitlines() if line.strip() and source.count(line) == 1]
+            top, bottom = lines[0], lines[-1]
+            idea_a = source.replace(top, top + "  # idea a")
+            idea_b = source.replace(bottom, bottom + "  # idea b")
+            await call(client, "write_train", content=idea_a)
+            a = await call(client, "run_experiment", description="idea a", max_wait_seconds=0)
+            await call(client, "write_train", content=idea_b)
+            b = await call(client, "run_experiment", description="idea b", max_wait_seconds=0)
+            both = {a["run_id"], b["run_id"]}
+            seen_together = False
+            for _ in range(600):  # until both train at the same moment (each run's startup takes a while)
+                flying = (await call(client, "status"))["runs_in_flight"]
+                running = [r for r in flying if r["status"] == "running"]
+                if {r["run_id"] for r in running} == both:
+                    assert {r["device"] for r in running} == {"cpu:0", "cpu:1"}  # one slot each
+                    seen_together = True
+                    break
+                assert {r["run_id"] for r in flying} == both, flying  # neither ended before the other started
+                await anyio.sleep(0.2)
+            assert seen_together
+            a = await call(client, "wait_for_run", run_id=a["run_id"])
+            b = await call(client, "wait_for_run", run_id=b["run_id"])
+            assert a["status"] == b["status"] == "succeeded", (a, b)
+            await call(client, "keep", run_id=b["run_id"])
+            assert git(workspace, "rev-parse", "HEAD") == b["commit"]
+            rebased = await call(client, "rebase_run", run_id=a["run_id"])
+            assert rebased["clean"] and train.read_text() == idea_b.replace(top, top + "  # idea a")
+            runs = {r["run_id"]: r for r in (await call(client, "results"))["rows"]}
+            assert runs[a["run_id"]]["device"] in ("cpu:0", "cpu:1")
+
+    anyio.run(main)
+    return server
+
+
+def test_two_candidates_train_at_once_on_cpu_2_then_one_is_kept_and_the_other_rebased(workspace, prepared_cache):
+    from server.research import Settings
+
+    settings = Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
+                        budget_seconds=2.0, devices="cpu:2")
+    server = parallel_loop(settings, workspace)
+    records = [r for r in server.research.ledger.runs() if r.get("status") == "succeeded"]
+    assert {r["executor"] for r in records} == {"local"} and all(r["node"] for r in records)

@@ -84,7 +84,7 @@ def executor(tmp_path_factory):
 
 
 @pytest.fixture
-def workspace(tmp_path):
+def fake_ws(tmp_path):
     ws = tmp_path / "ws"
     (ws / "training").mkdir(parents=True)
     (ws / "training" / "prepare.py").write_text("# a stand-in\n")
@@ -149,20 +149,21 @@ def wait_until(predicate, timeout=60.0):
         time.sleep(0.1)
 
 
-def test_a_run_trains_on_a_ray_node_and_records_executor_node_and_device(workspace, cache, executor):
-    mgr = start(workspace, cache, executor, SUCCEED)
+def test_a_run_trains_on_a_ray_node_and_records_executor_node_and_device(fake_ws, cache, executor):
+    mgr = start(fake_ws, cache, executor, SUCCEED)
     record = anyio.run(mgr.wait, "r0001", 120, None)
-    log = (workspace / ".autoresearch" / "runs" / "r0001" / "log.txt").read_text()
+    log = (fake_ws / ".autoresearch" / "runs" / "r0001" / "log.txt").read_text()
     assert record["status"] == "succeeded", log
     assert record["val_bpb"] == 0.987
     assert f"running on Ray node {socket.gethostname()}" in log
     assert "threads 1" in log  # the slot's torch threads reached the trainer on the node
-    assert (record["executor"], record["node"], record["device"]) == ("ray", socket.gethostname(), "cpu")
+    assert (record["executor"], record["node"]) == ("ray", socket.gethostname())
+    assert record["device"] in ("cpu:0", "cpu:1")  # the slot it was placed on (a GPU node names its GPU)
     assert record["official"]["node"] == socket.gethostname()
 
 
-def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(workspace, cache, executor):
-    mgr = start(workspace, cache, executor, HANGS, run_id="r0002")  # run ids unique to each test: found by name
+def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(fake_ws, cache, executor):
+    mgr = start(fake_ws, cache, executor, HANGS, run_id="r0002")  # run ids unique to each test: found by name
     handle = mgr.get("r0002")
     wait_until(lambda: "phase: training" in handle.log_path.read_text())
     (trainer,) = trainers("r0002")
@@ -177,8 +178,8 @@ def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(work
     wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=30)
 
 
-def test_cancel_kills_the_run_on_its_node(workspace, cache, executor):
-    mgr = start(workspace, cache, executor, HANGS, run_id="r0003")
+def test_cancel_kills_the_run_on_its_node(fake_ws, cache, executor):
+    mgr = start(fake_ws, cache, executor, HANGS, run_id="r0003")
     handle = mgr.get("r0003")
     wait_until(lambda: "phase: training" in handle.log_path.read_text())
     (trainer,) = trainers("r0003")
@@ -187,11 +188,11 @@ def test_cancel_kills_the_run_on_its_node(workspace, cache, executor):
     wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=30)
 
 
-def test_a_node_with_other_data_refuses_naming_the_prepare_command(workspace, cache, executor):
-    mgr = start(workspace, cache, executor, SUCCEED, run_id="r0004", fingerprint="b" * 64)
+def test_a_node_with_other_data_refuses_naming_the_prepare_command(fake_ws, cache, executor):
+    mgr = start(fake_ws, cache, executor, SUCCEED, run_id="r0004", fingerprint="b" * 64)
     record = anyio.run(mgr.wait, "r0004", 120, None)
     assert record["status"] == "crashed"
-    log = (workspace / ".autoresearch" / "runs" / "r0004" / "log.txt").read_text()
+    log = (fake_ws / ".autoresearch" / "runs" / "r0004" / "log.txt").read_text()
     assert "differs from the session's" in log and "autoresearch-mcp prepare --dataset sotu --profile smoke" in log
     assert "autoresearch-mcp prepare --dataset sotu" in record["error"]
 
@@ -201,3 +202,17 @@ def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):
     with pytest.raises(WorkspaceError) as missing:
         ray_executor.RayExecutor(Pool(parse_devices("cpu:1", cores=[0])), ray_executor.LOCAL)
     assert str(missing.value).count("\n") == 0 and 'pip install "autoresearch-mcp[ray]"' in str(missing.value)
+
+
+def test_two_candidates_train_at_once_through_ray_local_then_one_is_kept_and_the_other_rebased(
+        workspace, prepared_cache):
+    """The issue's test through `--executor ray --ray-address local`: the same loop as on the local pool."""
+    from server.research import Settings
+    from test_pool import parallel_loop
+
+    settings = Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
+                        budget_seconds=2.0, devices="cpu:2", executor="ray", ray_address="local")
+    server = parallel_loop(settings, workspace)
+    records = [r for r in server.research.ledger.runs() if r.get("status") == "succeeded"]
+    assert {(r["executor"], r["node"]) for r in records} == {("ray", socket.gethostname())}
+    assert server.research.runs.executor.cluster is None  # the private Ray instance went with the server
