@@ -148,7 +148,13 @@ def _run(spec: dict, out) -> dict:
         trainer_end.close()  # from here the trainer holds the only copy: its exit is the feeder's EOF
     t_trainer = time.time()
     watch = TreeWatch(trainer.pid, spec.get("device") or "cpu")
-    returncode = watch.wait(trainer)
+    # The evaluator starts as soon as the feeder has ended (training is over; train.py exports): its imports, pin
+    # checks and data copy overlap the export, and it reads the graph only once told "go", after the trainer and
+    # everything it left are gone.
+    request = {"graph": str(graph), "profile": spec["profile"], "dataset": spec["dataset"], "cache": spec.get("cache"),
+               "pins": spec["evaluator_pins"], "device": spec.get("device"), "wait": True}
+    evaluator = Evaluator(trusted, harness, request, trusted_env, run_dir, out)
+    returncode = watch.wait(trainer, lambda: feeder.poll() is not None and evaluator.start())
     result["trainer_returncode"] = returncode
     trainer_seconds = time.time() - t_trainer
     left = watch.leftovers(env.get(MARKER_ENV))
@@ -161,18 +167,20 @@ def _run(spec: dict, out) -> dict:
     log(f"train.py exited with status {returncode} after {trainer_seconds:.1f} s; the feeder credited "
         f"{result['training_seconds']} s of training, {result['training_tokens']} tokens", out)
     if returncode != 0:
+        evaluator.stop()
         return {**result, "stage": "trainer", "error": f"train.py exited with status {returncode}"}
     if not graph.is_file():
+        evaluator.stop()
         return {**result, "stage": "handover",
                 "error": ("no model was handed over: train.py must end by calling prepare's evaluate_bpb, which "
                           "exports the model for the trusted evaluator (a printed val_bpb does not count)")}
 
-    # 3. the evaluator
-    request = {"graph": str(graph), "profile": spec["profile"], "dataset": spec["dataset"], "cache": spec.get("cache"),
-               "pins": spec["evaluator_pins"], "device": spec.get("device")}
+    # 3. the evaluator scores the hand-over
     t_eval = time.time()
-    answer, code = evaluate(trusted, harness, request, trusted_env, run_dir, out)
-    result["timings"].update(evaluator_seconds=round(time.time() - t_eval, 3), total_seconds=round(time.time() - t0, 3))
+    early = evaluator.proc is not None
+    answer, code = evaluator.finish()
+    result["timings"].update(evaluator_seconds=round(time.time() - t_eval, 3), evaluator_started_early=early,
+                             total_seconds=round(time.time() - t0, 3))
     if not answer.get("ok"):
         return {**result, "stage": "evaluator", "error": answer.get("error") or f"the evaluator exited with {code}"}
     if watch.source is None and isinstance(answer.get("peak_memory_mb"), (int, float)):
@@ -186,12 +194,46 @@ def _run(spec: dict, out) -> dict:
     return result
 
 
+class Evaluator:
+    """The evaluator process of one run: started early with the request (`wait`: it prepares, then waits for "go"
+    on stdin before it reads the graph), told to go or to stop. Its stderr is the run's log."""
+
+    def __init__(self, python: str, harness: Path, request: dict, env: dict, cwd: Path, out=None):
+        self.argv = [python, "-I", "-B", str(harness / "evaluator.py")]
+        self.request, self.env, self.cwd, self.out = request, env, cwd, out
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> bool:
+        if self.proc is None:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=str(self.cwd), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self.out)
+            try:
+                self.proc.stdin.write((json.dumps(self.request) + "\n").encode())
+                self.proc.stdin.flush()
+            except OSError:  # it died at once; finish() reports what it said
+                pass
+        return True
+
+    def finish(self) -> tuple[dict, int]:
+        """Tell it to go (starting it now if training ended without the feeder noticing first): (its answer, its
+        exit status)."""
+        self.start()
+        try:
+            answer, _ = self.proc.communicate(b"go\n")
+        except (BrokenPipeError, ValueError):
+            answer = self.proc.stdout.read()
+            self.proc.wait()
+        return last_json(answer or b""), self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 def evaluate(python: str, harness: Path, request: dict, env: dict, cwd: Path, out=None) -> tuple[dict, int]:
-    """Run the evaluator on one request: (its answer, its exit status). Its stderr is the run's log."""
-    proc = subprocess.Popen([python, "-I", "-B", str(harness / "evaluator.py")], env=env, cwd=str(cwd),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out)
-    out, _ = proc.communicate(json.dumps(request).encode())
-    return last_json(out), proc.returncode
+    """Run the evaluator on one whole request at once: (its answer, its exit status)."""
+    return Evaluator(python, harness, {**request, "wait": False}, env, cwd, out).finish()
 
 
 def last_json(out: bytes) -> dict:
@@ -245,10 +287,12 @@ class TreeWatch:
         self.peaks: dict[str, float] = {}  # MiB by source
         self.nvml = open_nvml() if device.startswith("cuda") else None
 
-    def wait(self, proc: subprocess.Popen) -> int:
+    def wait(self, proc: subprocess.Popen, on_tick=None) -> int:
         next_track = 0.0
         while True:
             self.sample()
+            if on_tick is not None:
+                on_tick()
             try:
                 return proc.wait(SAMPLE_SECONDS)
             except subprocess.TimeoutExpired:

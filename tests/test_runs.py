@@ -61,7 +61,10 @@ print(json.dumps(figures), flush=True)
 # whose keys override the answer ("refuse": an error; "eval_lines"/"eval_sleep": progress at that pace).
 FAKE_EVALUATOR = f"""
 import json, sys, time
-request = json.loads(sys.stdin.read())
+request = json.loads(sys.stdin.readline())
+if request.get("wait") and sys.stdin.readline().strip() != "go":  # started early: the model comes after "go"
+    print(json.dumps({{"ok": False, "error": "told to stop"}}))
+    sys.exit(1)
 try:
     model = json.load(open(request["graph"]))
 except (OSError, ValueError) as e:

@@ -245,6 +245,9 @@ def evaluate(request):
     private = Path(tempfile.mkdtemp(prefix="autoresearch-eval-"))
     try:
         tokenizer = private_copy(prepare, request, private / "cache")
+        if request.get("wait"):  # started early (while train.py exports): everything before the graph is done
+            if sys.stdin.readline().strip() != "go":
+                raise EvalError("the run ended without handing a model over (the evaluator was told to stop)")
         device = torch.device(request.get("device") or prepare.detect_device())
         precision = request.get("autocast", "bfloat16" if device.type == "cuda" else None) or "float32"
         if precision not in ("float32", *AUTOCAST_DTYPES):
@@ -350,7 +353,9 @@ def check_request(request):
     """A request: {"graph": path of the handed-over file, "profile": name, "dataset": source, "cache": dir or null,
     "pins": {"harness": {file: sha256}, "data": {file: sha256}}, optional "device", "autocast" (bfloat16 | float16
     | null), "kernels" (hub repos whose custom ops to register, e.g. FA3's), "extra_ops" (custom op names or
-    torch.ops.<namespace>.* to allow besides the allow-list), "probe_seed" (a fixed probe plan)}."""
+    torch.ops.<namespace>.* to allow besides the allow-list), "probe_seed" (a fixed probe plan), "wait" (true: the
+    request is one line, sent before the model exists; the evaluator imports, checks the pins and copies the data,
+    then waits for a line "go" on stdin before it reads the graph; anything else stops it)}."""
     if not isinstance(request, dict):
         return "the request must be one JSON object"
     for key in ("graph", "profile", "dataset", "pins"):
@@ -389,7 +394,11 @@ def main(argv=None):
         except EvalError as e:
             return answer({"ok": False, "error": str(e)}, 1)
     try:
-        request = json.loads(sys.stdin.read())
+        first = sys.stdin.readline()  # one line; a request spread over lines is read to its end
+        try:
+            request = json.loads(first)
+        except ValueError:
+            request = json.loads(first + sys.stdin.read())
     except ValueError as e:
         return answer({"ok": False, "error": f"the request on stdin is not JSON ({e})"}, 2)
     problem = check_request(request)
