@@ -11,6 +11,8 @@ Sections (--only takes any of these names, comma-separated):
   evaluator the trusted evaluator: hand-over export, the evaluator's start-up, its scoring vs evaluate_bpb
   experiment one whole experiment's wall time over its budget, at the profile's full budget (bench/experiment.py;
             --budget shortens it)
+  parallel  experiments per hour with --devices cpu:1 vs cpu:2, locally and through a private Ray instance, and the
+            scheduler's overhead per run, local vs Ray (bench/parallel.py)
 
 Defaults: the cpu profile at a 60 s budget for the loop sections (overhead, noise): about 15 minutes on a 2-core
 box. --full uses the profile's whole 300 s budget (about 40 minutes); --quick the smoke profile at 3 s and short
@@ -30,8 +32,8 @@ from datetime import datetime, timezone
 from bench import common
 from bench.common import Row, cache_dir, child, ensure_data, load_average, log, machine
 
-SECTIONS = ("overhead", "latency", "loader", "mfu", "eval", "noise", "evaluator", "experiment")
-RUN_ORDER = ("overhead", "noise", "latency", "loader", "mfu", "eval", "evaluator", "experiment")  # noise reuses
+SECTIONS = ("overhead", "latency", "loader", "mfu", "eval", "noise", "evaluator", "experiment", "parallel")
+RUN_ORDER = ("overhead", "noise", "latency", "loader", "mfu", "eval", "evaluator", "experiment", "parallel")  # noise reuses
 # overhead's kept baseline
 PROFILE_BUDGET = {"cpu": 300, "smoke": 10}
 
@@ -83,6 +85,8 @@ def section_runner(name):
             return evaluator_rows(opts.cache, profiles=("smoke",) if opts.quick else ("smoke", "cpu"))
     elif name == "experiment":
         from bench.experiment import run
+    elif name == "parallel":
+        from bench.parallel import run
     else:
         run = {"loader": loader_rows, "mfu": mfu_rows}[name]
     return run
