@@ -1,17 +1,23 @@
 """The device pool (server/pool.py): parsing --devices, each slot's run environment, the machine-wide lock names, and
 that servers sharing a pool never run more runs at once than it has slots."""
 
+import hashlib
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
+import anyio
 import pytest
 
 from server import pool
 from server.errors import WorkspaceError
-from server.pool import Pool, parse_devices
+from server.gitops import Git
+from server.ledger import Ledger
+from server.pool import Pool, PoolExecutor, parse_devices
+from server.runs import RunManager
 
 FOUR_CORES = [0, 1, 2, 3]
 
@@ -175,6 +181,135 @@ def test_run_env_and_affinity_keep_a_run_on_its_slot():
     finally:
         child.kill()
         child.wait()
+
+
+# ---------------------------------------------------------------- runs on the pool: a stand-in harness
+
+FINGERPRINT = "a" * 64
+PROFILE = {"name": "smoke", "max_seq_len": 128, "time_budget": 5, "eval_tokens": 2**14, "vocab_size": 8192}
+ROWS, TOKENS = 128, 2**14
+# A stand-in harness with the real protocols (no torch): the feeder holds its socket until the trainer is gone, the
+# evaluator scores the JSON "model" train.py hands over, and `--pins` fingerprints the cache's val file (the node's
+# data check asks it).
+FEEDER = """
+import json, socket, sys
+sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
+while True:
+    try:
+        if not sock.recv(4096):
+            break
+    except OSError:
+        break
+print(json.dumps({"phase": "ended", "training_seconds": 1.5, "tokens": 4096, "warmup_tokens": 0}), flush=True)
+"""
+EVALUATOR = f"""
+import json, os, sys
+if "--pins" in sys.argv:
+    cache = sys.argv[sys.argv.index("--cache") + 1]
+    print(json.dumps({{"harness": {{}}, "data": {{"val.bin": open(os.path.join(cache, "fingerprint")).read()}}}}))
+    sys.exit(0)
+request = json.loads(sys.stdin.readline())  # the request is one line; an early-started evaluator then waits for "go"
+if request.get("wait"):
+    sys.stdin.readline()
+model = json.load(open(request["graph"]))
+print("phase: evaluating", file=sys.stderr, flush=True)
+print(json.dumps({{"ok": True, "profile": request["profile"], "dataset": request["dataset"], "rows_evaluated": {ROWS},
+                  "tokens_evaluated": {TOKENS}, "val_fingerprint": request["pins"]["data"]["val.bin"], **model}}))
+"""
+FAKE = """
+import json, os, sys, time
+def result(val_bpb=0.9):
+    with open(os.environ["AUTORESEARCH_HANDOVER"], "w") as f:
+        json.dump({"val_bpb": val_bpb}, f)
+"""
+SUCCEED = """
+print("phase: training", flush=True)
+print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+result(0.987)
+"""
+HANGS = """
+print("phase: training", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def fake_ws(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "training").mkdir(parents=True)
+    (ws / "training" / "prepare.py").write_text("# a stand-in\n")
+    (ws / "training" / "feeder.py").write_text(FEEDER)
+    (ws / "training" / "evaluator.py").write_text(EVALUATOR)
+    (ws / "training" / "train.py").write_text(FAKE + SUCCEED)
+    (ws / ".gitignore").write_text(".autoresearch/\n")
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    return ws
+
+
+@pytest.fixture
+def cache(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "fingerprint").write_text(FINGERPRINT)
+    return folder
+
+
+def git(ws, *args):
+    return subprocess.run(["git", "-C", str(ws), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def pins(ws, fingerprint=FINGERPRINT):
+    return {"prepare_sha256": hashlib.sha256((ws / "training" / "prepare.py").read_bytes()).hexdigest(),
+            "profile": dict(PROFILE), "val_fingerprint": FINGERPRINT,
+            "amounts": {"rows_evaluated": ROWS, "tokens_evaluated": TOKENS},
+            "evaluator": {"harness": {}, "data": {"val.bin": fingerprint}}}
+
+
+def start(ws, cache, executor, source, run_id="r0001", fingerprint=FINGERPRINT, queue=False, manager=None):
+    """Commit `source` as train.py and start it through a RunManager on `executor` (a new one unless given)."""
+    (ws / "training" / "train.py").write_text(FAKE + textwrap.dedent(source))
+    git(ws, "add", "training/train.py")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "experiment")
+    mgr = manager or RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache,
+                                budget_seconds=5, device="cpu", executor=executor, isolation="none", queue=queue)
+    mgr.start(run_id, git(ws, "rev-parse", "HEAD"), "test", seed=42, pins=pins(ws, fingerprint), session="t")
+    return mgr
+
+
+def test_a_run_that_finds_no_free_slot_is_queued_and_starts_when_one_frees(fake_ws, cache):
+    """cpu:1, queueing: the second run is recorded queued (no process, phase queued), starts when the first ends,
+    and both succeed on the slot; a queued run cancelled before it started is recorded cancelled."""
+    executor = PoolExecutor(Pool(parse_devices("cpu:1", cores=[0, 1])))
+    mgr = start(fake_ws, cache, executor, HANGS, run_id="r0001", queue=True)
+    first = mgr.get("r0001")
+    wait_until(lambda: "phase: training" in first.log_path.read_text())
+    mgr = start(fake_ws, cache, executor, SUCCEED, run_id="r0002", manager=mgr)
+    queued = mgr.get("r0002")
+    assert Ledger(fake_ws).run("r0002")["status"] == "queued" and queued.popen is None
+    assert mgr.progress("r0002")["phase"] == "queued"
+    mgr = start(fake_ws, cache, executor, SUCCEED, run_id="r0003", manager=mgr)
+    assert [h.run_id for h in mgr.in_flight()] == ["r0001", "r0002", "r0003"]
+    assert mgr.cancel("r0003")["status"] == "cancelled"  # never started: nothing to kill
+    assert Ledger(fake_ws).run("r0003")["status"] == "cancelled"
+    mgr.cancel("r0001")
+    second = anyio.run(mgr.wait, "r0002", 120, None)
+    assert second["status"] == "succeeded" and second["device"] == "cpu" and second["executor"] == "local"
+    statuses = [r["status"] for r in Ledger(fake_ws).records() if r.get("id") == "r0002" and r.get("status")]
+    assert statuses[:2] == ["queued", "starting"] and statuses[-1] == "succeeded"
+    assert "threads 2" in second_log(fake_ws, "r0002")  # the whole-machine slot's threads
+
+
+def second_log(ws, run_id: str) -> str:
+    return (ws / ".autoresearch" / "runs" / run_id / "log.txt").read_text()
+
+
+def wait_until(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- the issue's test: two candidates at once

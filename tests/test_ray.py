@@ -6,11 +6,8 @@ data is not the session's refuses in words naming the prepare command; no Ray, o
 Fake train.py files (plain Python, no torch) keep it cheap; one Ray instance serves the whole module.
 """
 
-import hashlib
 import socket
-import subprocess
 import sys
-import textwrap
 import time
 
 import anyio
@@ -19,59 +16,10 @@ import pytest
 
 from server import ray_executor
 from server.errors import WorkspaceError
-from server.gitops import Git
-from server.ledger import Ledger
 from server.pool import Pool, parse_devices
-from server.runs import RunManager
+from test_pool import HANGS, SUCCEED, cache, fake_ws, start, wait_until  # noqa: F401 (cache, fake_ws: fixtures)
 
 ray = pytest.importorskip("ray")
-
-FINGERPRINT = "a" * 64
-PROFILE = {"name": "smoke", "max_seq_len": 128, "time_budget": 5, "eval_tokens": 2**14, "vocab_size": 8192}
-ROWS, TOKENS = 128, 2**14
-# A stand-in harness with the real protocols (no torch): the feeder holds its socket until the trainer is gone, the
-# evaluator scores the JSON "model" train.py hands over, and `--pins` fingerprints the cache's val file (the node's
-# data check asks it).
-FEEDER = """
-import json, socket, sys
-sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--fd") + 1]))
-while True:
-    try:
-        if not sock.recv(4096):
-            break
-    except OSError:
-        break
-print(json.dumps({"phase": "ended", "training_seconds": 1.5, "tokens": 4096, "warmup_tokens": 0}), flush=True)
-"""
-EVALUATOR = f"""
-import json, os, sys
-if "--pins" in sys.argv:
-    cache = sys.argv[sys.argv.index("--cache") + 1]
-    print(json.dumps({{"harness": {{}}, "data": {{"val.bin": open(os.path.join(cache, "fingerprint")).read()}}}}))
-    sys.exit(0)
-request = json.loads(sys.stdin.readline())  # the request is one line; an early-started evaluator then waits for "go"
-if request.get("wait"):
-    sys.stdin.readline()
-model = json.load(open(request["graph"]))
-print("phase: evaluating", file=sys.stderr, flush=True)
-print(json.dumps({{"ok": True, "profile": request["profile"], "dataset": request["dataset"], "rows_evaluated": {ROWS},
-                  "tokens_evaluated": {TOKENS}, "val_fingerprint": request["pins"]["data"]["val.bin"], **model}}))
-"""
-FAKE = """
-import json, os, sys, time
-def result(val_bpb=0.9):
-    with open(os.environ["AUTORESEARCH_HANDOVER"], "w") as f:
-        json.dump({"val_bpb": val_bpb}, f)
-"""
-SUCCEED = """
-print("phase: training", flush=True)
-print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
-result(0.987)
-"""
-HANGS = """
-print("phase: training", flush=True)
-time.sleep(600)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -83,50 +31,6 @@ def executor(tmp_path_factory):
     print(f"local Ray instance up in {time.monotonic() - started:.1f} s at {ex.address}")
     yield ex
     ex.close()
-
-
-@pytest.fixture
-def fake_ws(tmp_path):
-    ws = tmp_path / "ws"
-    (ws / "training").mkdir(parents=True)
-    (ws / "training" / "prepare.py").write_text("# a stand-in\n")
-    (ws / "training" / "feeder.py").write_text(FEEDER)
-    (ws / "training" / "evaluator.py").write_text(EVALUATOR)
-    (ws / "training" / "train.py").write_text(FAKE + SUCCEED)
-    (ws / ".gitignore").write_text(".autoresearch/\n")
-    git(ws, "init", "-q", "-b", "main")
-    git(ws, "add", "-A")
-    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
-    return ws
-
-
-@pytest.fixture
-def cache(tmp_path):
-    folder = tmp_path / "cache"
-    folder.mkdir()
-    (folder / "fingerprint").write_text(FINGERPRINT)
-    return folder
-
-
-def git(ws, *args):
-    return subprocess.run(["git", "-C", str(ws), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def pins(ws, fingerprint=FINGERPRINT):
-    return {"prepare_sha256": hashlib.sha256((ws / "training" / "prepare.py").read_bytes()).hexdigest(),
-            "profile": dict(PROFILE), "val_fingerprint": FINGERPRINT,
-            "amounts": {"rows_evaluated": ROWS, "tokens_evaluated": TOKENS},
-            "evaluator": {"harness": {}, "data": {"val.bin": fingerprint}}}
-
-
-def start(ws, cache, executor, source, run_id="r0001", fingerprint=FINGERPRINT):
-    (ws / "training" / "train.py").write_text(FAKE + textwrap.dedent(source))
-    git(ws, "add", "training/train.py")
-    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "experiment")
-    mgr = RunManager(ws, Ledger(ws), Git(ws), profile="smoke", dataset="sotu", cache=cache, budget_seconds=5,
-                     device="cpu", executor=executor, isolation="none")
-    mgr.start(run_id, git(ws, "rev-parse", "HEAD"), "test", seed=42, pins=pins(ws, fingerprint), session="t")
-    return mgr
 
 
 def node_processes(marker: str) -> list[psutil.Process]:
@@ -142,13 +46,6 @@ def trainers(run_id: str) -> list[psutil.Process]:
     """The run's train.py process on the node (its node-side launcher names train.py too)."""
     return [p for p in node_processes(f"autoresearch-{run_id}-")
             if p.info["cmdline"][-1].endswith("train.py") and "server.launcher" not in p.info["cmdline"]]
-
-
-def wait_until(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.1)
 
 
 def test_a_run_trains_on_a_ray_node_and_records_executor_node_and_device(fake_ws, cache, executor):
