@@ -77,6 +77,27 @@ def test_local_gpus_reads_the_driver_without_torch(tmp_path, monkeypatch):
     assert "import torch" not in open(pool.__file__).read()
 
 
+
+@pytest.mark.parametrize("flags, says", [
+    (["--devices", "gpu0"], "--devices 'gpu0' is not understood"),
+    (["--ray-address", "local"], "--ray-address local needs --executor ray"),
+])
+def test_serve_refuses_bad_pool_flags_in_one_line(flags, says, tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["serve", "--workspace", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_serve_executor_ray_without_ray_names_the_pip_command(tmp_path, capsys, monkeypatch):
+    from server.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    assert main(["serve", "--workspace", str(tmp_path), "--executor", "ray"]) == 2
+    assert capsys.readouterr().err.strip() == 'error: --executor ray needs Ray, which is not installed here: ' \
+                                              'pip install "autoresearch-mcp[ray]"'
+
 # ---------------------------------------------------------------- locks
 
 
