@@ -91,7 +91,7 @@ CAUSALITY = {
     "leak-after-probe": leaky("        if eval_call(self) > 2:\n"
                               "            logits = logits + next_token_boost(idx, logits.size(-1), 10.0)\n"),
     # leaking on every third evaluation call only, so a probe of a few batches can miss it
-    "leak-every-nth-call": leaky("        if eval_call(self) % 3 == 0:\n"
+    "leak-every-nth-call": leaky("        if (calls := eval_call(self)) and calls % 3 == 0:  # never in training\n"
                                  "            logits = logits + next_token_boost(idx, logits.size(-1), 10.0)\n"),
     # a huge constant on every logit (no probability changes) to blind a probe with a relative tolerance, and a leak
     "constant-on-every-logit": leaky("        logits = logits + 1e4 + next_token_boost(idx, logits.size(-1), 3.0)\n"),
