@@ -20,6 +20,7 @@ from server.models import (
     FileText,
     LogText,
     NoiseFloor,
+    RebaseResult,
     Results,
     RunResult,
     SessionInfo,
@@ -41,6 +42,10 @@ The loop:
 3. Forever: read_file / edit_train (or write_train) one idea -> run_experiment(description) -> if val_bpb
    improved on the best kept value, keep(run_id); otherwise discard(run_id). A crashed run needs no decision:
    fix train.py and run again, or discard. If a result is within_noise, re-run it before keeping.
+Each run trains a candidate commit of train.py made on the kept commit; the branch moves only on keep. The
+working-tree train.py is your scratch copy. Several devices: submit several ideas with max_wait_seconds=0 (undo
+each edit before the next), decide each as its result arrives; when keep says the baseline moved, rebase_run(run_id)
+re-applies that change onto the kept version so you can run it again. Undecided runs never block new ones.
 Runs take the full budget: pass max_wait_seconds if your client cuts long tool calls, then wait_for_run(run_id).
 Prefer simpler code at equal val_bpb. Never stop to ask the human; keep experimenting.
 """
@@ -119,9 +124,11 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.tool(annotations=READ_ONLY)
     @agent_errors
     def status() -> Status:
-        """Where the research stands: branch, HEAD, last kept commit and its val_bpb, the run in progress with
-        its progress, profile/dataset/budget, whether data is prepared, device, uncommitted train.py edits."""
-        return research.status()
+        """Where the research stands: branch, HEAD, last kept commit and its val_bpb, every run in flight with its
+        device and progress, the runs awaiting a decision, profile/dataset/budget, whether data is prepared,
+        device, whether train.py differs from the kept version, the trainer's isolation."""
+        isolation, reason = research.runs.isolation_status()
+        return research.status().model_copy(update={"isolation": isolation, "isolation_reason": reason})
 
     @mcp.tool(annotations=RUNS)
     @agent_errors
@@ -173,9 +180,10 @@ def create_server(settings: Settings) -> MCPServer:
         ctx: Context,
         max_wait_seconds: MaxWait = None,
     ) -> RunResult:
-        """Commit train.py (message = description) and train it for the session's budget in a fresh process.
-        Streams progress; returns the result (val_bpb, change against the best kept run), or status 'running'
-        with the run id if max_wait_seconds passes first."""
+        """Commit train.py as a candidate on the kept commit (message = description; the branch does not move) and
+        train it for the session's budget in a fresh process. Streams progress; returns the result (val_bpb,
+        change against the best kept run), or status 'queued'/'running' with the run id if max_wait_seconds
+        passes first (0 submits it and returns at once)."""
         return await research.run_experiment(description, max_wait_seconds, progress_reporter(ctx))
 
     @mcp.tool(annotations=READ_ONLY)
@@ -193,22 +201,33 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.tool(annotations=RUNS)
     @agent_errors
     def keep(run_id: RunId) -> Decision:
-        """Keep a succeeded run: the branch stays at its commit, which becomes the new baseline."""
+        """Keep a succeeded run: the branch fast-forwards to its candidate commit, the new baseline. Refused when
+        another keep moved the baseline since the run was made (then rebase_run it and run it again)."""
         return research.keep(run_id)
 
     @mcp.tool(annotations=RESETS)
     @agent_errors
     def discard(run_id: RunId) -> Decision:
-        """Discard a run: reset the branch (train.py only) to the last kept commit. The run stays in the ledger
-        and its code stays reachable as refs/autoresearch/runs/<run_id>."""
+        """Discard a run: the branch stays at the kept commit. train.py goes back to the kept version if it still
+        holds exactly this run's code (newer edits stay). The run stays in the ledger and its code stays reachable
+        as refs/autoresearch/runs/<run_id>."""
         return research.discard(run_id)
+
+    @mcp.tool(annotations=EDITS)
+    @agent_errors
+    def rebase_run(run_id: RunId) -> RebaseResult:
+        """Re-apply a run's train.py change onto the current kept commit (a three-way merge) in the working tree,
+        so it can run again on the new baseline. Conflicts are written into train.py between markers and come
+        back as hunks. Refused if train.py holds edits that no run recorded (nothing is lost)."""
+        return research.rebase_run(run_id)
 
     @mcp.tool(annotations=READ_ONLY)
     @agent_errors
     def results(
         limit: Annotated[int, Field(ge=1, le=10_000, description="Most recent rows to return")] = 50,
     ) -> Results:
-        """The session's ledger as rows (commit, val_bpb, memory_gb, status, description) with the best run."""
+        """The session's ledger as rows (commit, val_bpb, memory_gb, status, device, description) with the best
+        run, every run in flight with its progress, and the runs awaiting a decision."""
         return research.results(limit)
 
     @mcp.tool(annotations=READ_ONLY)
@@ -234,8 +253,9 @@ def create_server(settings: Settings) -> MCPServer:
         ctx: Context,
         repeats: Annotated[int, Field(ge=2, le=20, description="How many seeded re-runs of the kept commit")] = 3,
     ) -> NoiseFloor:
-        """Re-run the last kept commit with different seeds and store the spread of val_bpb (the noise floor).
-        From then on each result says whether its change is within noise (|change| < 2 sigma)."""
+        """Re-run the last kept commit with different seeds (in parallel when the device pool has room) and store
+        the spread of val_bpb (the noise floor). From then on each result says whether its change is within noise
+        (|change| < 2 sigma). train.py's edits play no part."""
         return await research.measure_noise(repeats, progress_reporter(ctx))
 
     @mcp.resource("autoresearch://program", mime_type="text/markdown")

@@ -2,7 +2,9 @@
 
 from pydantic import BaseModel, Field
 
-RunStatus = str  # starting | running | succeeded | crashed | timed_out | cancelled | interrupted
+RunStatus = str  # queued | starting | running | succeeded | crashed | timed_out | cancelled | interrupted
+STATUSES = ("queued: waiting for a free device; starting | running | succeeded | crashed | timed_out | cancelled | "
+            "interrupted (the server died mid-run)")
 
 
 class NoiseFloor(BaseModel):
@@ -31,11 +33,13 @@ class RunResult(BaseModel):
     """One training run: what ran, how it ended, and how it compares with the best kept result."""
 
     run_id: str = Field(description="Run id, e.g. r0007; use it with wait_for_run, keep, discard, read_log")
-    commit: str = Field(description="Commit of train.py that was trained (kept reachable as refs/autoresearch/runs/<id>)")
+    commit: str = Field(description="The candidate commit of train.py that was trained (kept reachable as "
+                        "refs/autoresearch/runs/<id>); the branch reaches it only on keep")
+    parent: str | None = Field(None, description="The kept commit the candidate was made on; keep fast-forwards "
+                               "only while it is still the kept commit")
+    device: str | None = Field(None, description="Device the run trains or trained on")
     description: str = Field(description="What this experiment tried")
-    status: RunStatus = Field(
-        description="starting | running | succeeded | crashed | timed_out | cancelled | interrupted"
-    )
+    status: RunStatus = Field(description=STATUSES)
     decision: str | None = Field(None, description="keep | discard once decided, else null")
     val_bpb: float | None = Field(None, description="Validation bits per byte from the frozen evaluation (lower is better)")
     metrics: dict[str, float | int | str] = Field(
@@ -63,15 +67,20 @@ class Status(BaseModel):
     kept_commit: str | None = Field(description="Last kept commit: the baseline every new run is compared with")
     kept_val_bpb: float | None = Field(description="val_bpb of the last kept run")
     best_val_bpb: float | None = Field(description="Best val_bpb kept in this session")
-    run_in_progress: RunResult | None = Field(description="The run now training, with its progress")
-    awaiting_decision: str | None = Field(description="Run id that succeeded and still needs keep or discard")
+    run_in_progress: RunResult | None = Field(description="The first run in flight, with its progress (see runs_in_flight)")
+    runs_in_flight: list[RunResult] = Field(
+        default_factory=list, description="Every run queued or training now, each with its device and progress")
+    awaiting_decision: str | None = Field(description="The oldest run that succeeded and still needs keep or discard")
+    undecided: list[str] = Field(
+        default_factory=list, description="Every succeeded run still awaiting keep or discard; none blocks new runs")
     profile: dict = Field(description="Profile constants in force (name, max_seq_len, time_budget, eval_tokens, vocab_size)")
     dataset: str = Field(description="Dataset the runs train and evaluate on")
     budget_seconds: float = Field(description="Training budget of each run, in seconds")
     data_ready: bool = Field(description="Whether the dataset and tokenizer are prepared")
     prepare_command: str = Field(description="The command that prepares the data, when it is not ready")
     device: str = Field(description="cuda | mps | cpu, as the harness sees it")
-    train_py_modified: bool = Field(description="Whether train.py has uncommitted edits")
+    train_py_modified: bool = Field(description="Whether the working-tree train.py (the scratch copy) differs from "
+                                    "the kept version")
     noise_floor: NoiseFloor | None = Field(description="Measured seed noise for this profile and dataset, if any")
     runs: int = Field(description="Runs recorded in this session")
     ledger_damaged_lines: list[int] = Field(
@@ -79,6 +88,9 @@ class Status(BaseModel):
     )
     warnings: list[str] = Field(
         default_factory=list, description="Set-up problems that make val_bpb less trustworthy (e.g. too few tokens)")
+    isolation: str | None = Field(
+        None, description="The trainer's isolation for runs started now: sandbox | none (serve --isolation)")
+    isolation_reason: str | None = Field(None, description="What that isolation means here, and why it is in force")
 
 
 class SessionInfo(BaseModel):
@@ -125,6 +137,9 @@ class Decision(BaseModel):
     head: str = Field(description="Branch HEAD after the decision")
     kept_commit: str = Field(description="Baseline for the next run")
     best_val_bpb: float | None = Field(description="Best kept val_bpb of the session after the decision")
+    train_py_restored: bool = Field(
+        False, description="discard: whether the working-tree train.py was put back to the kept version (only when "
+        "it still held the discarded code)")
     next_step: str = Field(description="What to do next")
 
 
@@ -135,7 +150,8 @@ class ResultRow(BaseModel):
     commit: str = Field(description="Short commit")
     val_bpb: float | None = Field(description="val_bpb, null when the run produced none")
     memory_gb: float | None = Field(description="Peak memory in GB")
-    status: str = Field(description="keep | discard | crash | running | pending")
+    status: str = Field(description="keep | discard | crash | queued | running | pending (succeeded, undecided)")
+    device: str | None = Field(None, description="Device that ran it")
     description: str = Field(description="What the run tried")
 
 
@@ -143,6 +159,9 @@ class Results(BaseModel):
     """The session's ledger as rows, with the best run and the noise floor."""
 
     rows: list[ResultRow] = Field(description="Most recent runs last")
+    in_flight: list[RunResult] = Field(
+        default_factory=list, description="Every run queued or training now, with its device and progress")
+    undecided: list[str] = Field(default_factory=list, description="Succeeded runs still awaiting keep or discard")
     total: int = Field(description="Runs in the session")
     best: ResultRow | None = Field(description="The kept run with the lowest val_bpb")
     noise_floor: NoiseFloor | None = Field(description="Measured seed noise, if any")
@@ -155,3 +174,24 @@ class LogText(BaseModel):
     text: str = Field(description="The last lines of the log")
     lines: int = Field(description="Lines returned")
     total_lines: int = Field(description="Lines in the whole log")
+
+
+class Conflict(BaseModel):
+    """One place where the kept version and the rebased run changed the same lines."""
+
+    line: int = Field(description="Line of train.py where the <<<<<<< marker of this conflict starts")
+    kept: str = Field(description="The kept version's lines (between <<<<<<< and =======)")
+    run: str = Field(description="The run's lines (between ======= and >>>>>>>)")
+
+
+class RebaseResult(BaseModel):
+    """A run's change re-applied onto the kept commit, in the working-tree train.py."""
+
+    run_id: str = Field(description="The rebased run")
+    onto: str = Field(description="The kept commit the change was re-applied onto")
+    base: str = Field(description="The commit the run's change was made on")
+    clean: bool = Field(description="True when the change applied without conflicts")
+    conflicts: list[Conflict] = Field(
+        default_factory=list, description="Conflict hunks, also written into train.py between markers")
+    diff: str = Field(description="train.py against the kept commit after the rebase")
+    next_step: str = Field(description="What to do next")

@@ -1,7 +1,13 @@
-"""The research loop as plain methods: session, edits, runs, keep/discard, results.
+"""The research loop as plain methods: session, edits, runs, keep/discard/rebase, results.
 
 The MCP layer (app.py) and the CLI both sit on this class; nothing here knows about MCP. Every refusal is a
 WorkspaceError whose message says what was wrong and what to do.
+
+Candidates, not a moving branch: a run trains a candidate commit whose parent is the kept commit (the branch tip),
+and the branch advances only on keep, by fast-forward. The working-tree train.py is the agent's scratch copy:
+runs never change it; discard puts the kept version back only when the scratch still holds the discarded code
+(a single-run agent then finds the kept version, as before); rebase_run writes a candidate re-applied onto the kept
+commit into it. Several candidates can be in flight or undecided at once; none blocks another.
 """
 
 import functools
@@ -18,12 +24,14 @@ from server.errors import WorkspaceError
 from server.gitops import TRAIN, Git
 from server.ledger import Ledger, now_iso, row_status
 from server.models import (
+    Conflict,
     Decision,
     DiffResult,
     EditResult,
     FileText,
     LogText,
     NoiseFloor,
+    RebaseResult,
     ResultRow,
     Results,
     RunProgress,
@@ -32,13 +40,15 @@ from server.models import (
     Status,
 )
 from server.preflight import preflight
+from server.pool import make_executor
 from server.runs import RunManager
 from server.wslock import ServerClaim, WorkspaceLock
 
 DEFAULT_SEED = 42
 NOISE_SIGMAS = 2.0  # a change smaller than this many sigmas of seed noise is not evidence of anything
 FINISHED = {"succeeded", "crashed", "timed_out", "cancelled", "interrupted"}
-IN_FLIGHT = {"starting", "running"}
+IN_FLIGHT = {"queued", "starting", "running"}  # queued: waiting for a device of the pool
+NOISE_POLL_SECONDS = 0.5  # measure_noise, waiting for room in the pool for its next repeat
 
 
 def state_change(method):
@@ -62,6 +72,10 @@ class Settings:
     budget_seconds: float | None = None
     python: str = sys.executable
     timeout_seconds: float | None = None  # hard-kill override, for tests
+    isolation: str = "auto"  # the trainer's sandbox: auto | sandbox | none (serve --isolation, server/sandbox.py)
+    devices: str | None = None  # serve --devices (server/pool.py); None: the harness's one device, no queue
+    executor: str = "local"  # serve --executor local | ray (server/ray_executor.py)
+    ray_address: str | None = None  # serve --ray-address ADDR | auto | local
 
 
 def default_cache() -> Path:
@@ -131,6 +145,8 @@ class Research:
                 python=self.settings.python,
                 device=self.harness["device"],
                 timeout_seconds=self.settings.timeout_seconds,
+                isolation=self.settings.isolation,
+                **make_executor(self.settings),
             )
         return self._runs
 
@@ -185,12 +201,19 @@ class Research:
         kept = [r for r in runs if r.get("decision") == "keep" and r.get("val_bpb") is not None]
         return min(kept, key=lambda r: r["val_bpb"]) if kept else None
 
-    def undecided(self, runs: list[dict]) -> dict | None:
-        """A succeeded run nobody has kept or discarded yet (the loop stalls until someone does)."""
-        for run in runs:
-            if run.get("status") == "succeeded" and run.get("decision") is None:
-                return run
-        return None
+    def undecided(self, runs: list[dict]) -> list[dict]:
+        """Succeeded runs nobody has kept or discarded yet. They block nothing: they are listed so the agent
+        decides them as results arrive."""
+        return [r for r in runs if r.get("status") == "succeeded" and r.get("decision") is None]
+
+    def in_flight(self, runs: list[dict]) -> list[dict]:
+        """Runs queued or training now, this server's (a run left by a dead server is settled at start-up)."""
+        return [r for r in runs if r.get("status") in IN_FLIGHT and self.runs.get(r["id"]) is not None]
+
+    def has_room(self) -> bool:
+        """Whether another run can start now: with a device pool (serve --devices) always, a run that finds no
+        free slot waits `queued`; with the harness's one device, when nothing is in flight."""
+        return self.runs.has_room()
 
     def noise_floor(self, profile: str, dataset: str) -> NoiseFloor | None:
         record = self.ledger.noise(profile, dataset)
@@ -207,8 +230,8 @@ class Research:
         runs = self.session_runs(session) if session else []
         kept_commit, kept_bpb = self.kept(session, runs) if session else (None, None)
         best = self.best(runs)
-        current = self.runs.current()
-        pending = self.undecided(runs)
+        flying = [self.run_result(r, runs) for r in self.in_flight(runs)]
+        undecided = [r["id"] for r in self.undecided(runs)]
         return Status(
             workspace=str(self.root),
             branch=self.git.branch(),
@@ -217,8 +240,10 @@ class Research:
             kept_commit=kept_commit,
             kept_val_bpb=kept_bpb,
             best_val_bpb=best["val_bpb"] if best else None,
-            run_in_progress=self.run_result(self.ledger.run(current.run_id), runs) if current else None,
-            awaiting_decision=pending["id"] if pending else None,
+            run_in_progress=flying[0] if flying else None,
+            runs_in_flight=flying,
+            awaiting_decision=undecided[0] if undecided else None,
+            undecided=undecided,
             profile=self.harness["profile"],
             dataset=self.dataset,
             budget_seconds=self.budget_seconds,
@@ -249,6 +274,8 @@ class Research:
         best = self.best(runs)
         return Results(
             rows=[self.result_row(r) for r in runs[-limit:]],
+            in_flight=[self.run_result(r, runs) for r in self.in_flight(runs)],
+            undecided=[r["id"] for r in self.undecided(runs)],
             total=len(runs),
             best=self.result_row(best) if best else None,
             noise_floor=self.noise_floor(session["profile"], session["dataset"]),
@@ -336,11 +363,7 @@ class Research:
         return self.write_train_text(before, content, line)
 
     def write_train_text(self, before: str, after: str, line: int) -> EditResult:
-        if self.runs.current() is not None:
-            raise WorkspaceError(
-                "A run is in progress; edit train.py after it ends (wait_for_run) or cancel it. (The run trains "
-                "the copy of its commit, so nothing edited now would change it.)"
-            )
+        # allowed while runs train: each trains the copy of its own commit, so the scratch copy is free to change
         ws.write_in_scope(self.root, after, TRAIN)
         return EditResult(diff=ws.unified_diff(before, after, TRAIN), line=line, lines=len(after.splitlines()))
 
@@ -354,22 +377,18 @@ class Research:
         return await self.wait_for_run(run_id, max_wait, on_progress)
 
     @state_change
-    def start_run(self, description: str, *, seed: int = DEFAULT_SEED, kind: str = "experiment") -> str:
-        """Everything that must hold before budget is spent, then commit and launch. Returns the run id."""
+    def start_run(self, description: str, *, seed: int = DEFAULT_SEED, kind: str = "experiment",
+                  commit: str | None = None) -> str:
+        """Everything that must hold before budget is spent, then make the candidate and launch it. The candidate
+        is the working-tree train.py committed on top of the kept commit (the branch tip), or, given `commit`
+        (noise runs), that commit itself. Returns the run id."""
         description = ws.check_description(description)
         session = self.require_session()
-        current = self.runs.current()
-        if current is not None:
+        if not self.has_room():
+            current = self.runs.current()
             raise WorkspaceError(
-                f"Run {current.run_id} is still training. Call wait_for_run({current.run_id!r}) or "
-                f"cancel_run({current.run_id!r}) first."
-            )
-        runs = self.session_runs(session)
-        pending = self.undecided(runs)
-        if pending is not None:
-            raise WorkspaceError(
-                f"Run {pending['id']} succeeded (val_bpb {pending.get('val_bpb')}) and still needs a decision: "
-                f"call keep({pending['id']!r}) or discard({pending['id']!r}) before starting another run."
+                f"Run {current.run_id} is still training and the device pool has no free slot. Call "
+                f"wait_for_run({current.run_id!r}) or cancel_run({current.run_id!r}) first."
             )
         if not self.data_ready():
             raise WorkspaceError(f"The dataset is not prepared. Ask the human to run: {self.prepare_command()}")
@@ -380,22 +399,22 @@ class Research:
                 f"{', '.join(changed)} changed since the session started; the evaluation harness is frozen. "
                 f"Restore it with {harness.restore_hint(changed, session['base_commit'])}."
             )
-        source = ws.read_in_scope(self.root, TRAIN)
-        preflight(source)
+        head = self.git.head()
+        if commit is None:
+            source = ws.read_in_scope(self.root, TRAIN)
+            preflight(source)
+            parent = head
+            # no ref points at it yet, so a kill -9 before the announcement leaves nothing anyone can see
+            commit = self.git.commit_candidate(source, parent, description)
+        else:
+            commit = parent = self.git.commit_sha(commit)
+            preflight(self.git.show_file(commit, TRAIN))
         self.runs.ensure_device_free()
         run_id = self.ledger.next_run_id()
-        parent, _ = self.kept(session, runs)
-        head = self.git.head()
-        # the fsynced "starting" record comes first: a kill -9 at any later instant leaves a record to settle
+        # the fsynced "starting" record names the candidate before its run ref or any process exists
         self.runs.announce(run_id, description, seed=seed, kind=kind, session=session["tag"], parent=parent,
-                           head=head)
-        commit = head
+                           head=head, commit=commit)
         try:
-            if self.git.train_changed():
-                commit = self.git.commit_train(description)
-            committed = self.git.show_file(commit, TRAIN)
-            if committed != source:  # train.py changed on disk between the check and the commit: check what runs
-                preflight(committed)
             self.git.set_ref(run_id, commit)
             self.runs.start(run_id, commit, description, seed=seed, kind=kind, pins=pins, session=session["tag"],
                             parent=parent, announced=True)
@@ -423,7 +442,8 @@ class Research:
                 run = await self.runs.wait(run["id"], max_wait, on_progress)
             except BaseException:
                 # the client gave up on this call (cancelled): a run nobody waits for must not hold the device
-                if self.runs.current() is not None and self.runs.current().run_id == run["id"]:
+                handle = self.runs.get(run["id"])
+                if handle is not None and not handle.done.is_set():
                     self.runs.cancel(run["id"])
                 raise
         return self.run_result(run, self.ledger.runs(run.get("session")))
@@ -431,8 +451,8 @@ class Research:
     @state_change
     def cancel_run(self, run_id: str) -> RunResult:
         run = self.require_run(run_id)
-        current = self.runs.current()
-        if current is None or current.run_id != run["id"]:
+        handle = self.runs.get(run["id"])
+        if handle is None or handle.done.is_set():
             raise WorkspaceError(f"Run {run_id} is not running (status {run.get('status')}); nothing to cancel.")
         record = self.runs.cancel(run["id"])
         return self.run_result(record, self.ledger.runs(record.get("session")))
@@ -451,9 +471,13 @@ class Research:
         progress = None
         if status in IN_FLIGHT and self.runs.get(run["id"]) is not None:
             progress = RunProgress(**self.runs.progress(run["id"]))
+        stale = (status == "succeeded" and run.get("decision") is None and run.get("parent") is not None
+                 and run["parent"] != run["commit"] and not self.builds_on_tip(run))
         return RunResult(
             run_id=run["id"],
             commit=run["commit"],
+            parent=run.get("parent"),
+            device=run.get("device"),
             description=run.get("description", ""),
             status=status,
             decision=run.get("decision"),
@@ -466,8 +490,14 @@ class Research:
             progress=progress,
             error=run.get("error"),
             log_tail=run.get("log_tail") if status not in ("succeeded", "running") else None,
-            next_step=next_step_for(run, delta, within),
+            next_step=next_step_for(run, delta, within, stale),
         )
+
+    def builds_on_tip(self, run: dict) -> bool:
+        """Whether keep(run) can take effect now: its parent is the kept commit (the branch tip), or the branch is
+        at its commit already (a re-run of the kept code, or a run made before candidates, which moved the branch)."""
+        tip = self.git.head()
+        return tip in (run.get("commit"), run.get("parent"))
 
     # ---------------------------------------------------------------- tools: decisions
 
@@ -481,6 +511,8 @@ class Research:
 
     @state_change
     def keep(self, run_id: str) -> Decision:
+        """Fast-forward the branch to the run's candidate, which becomes the baseline; refused when another keep
+        moved the branch since the run was made (its val_bpb was measured against an older baseline)."""
         session, run = self.session_run(run_id)
         if run.get("status") != "succeeded":
             raise WorkspaceError(
@@ -489,63 +521,137 @@ class Research:
             )
         if run.get("decision") is not None:
             raise WorkspaceError(f"Run {run_id} was already decided ({run['decision']}).")
-        head = self.git.head()
-        if head != run["commit"]:
+        tip = self.git.head()
+        if not self.builds_on_tip(run):
+            runs = self.session_runs(session)
+            since = [r["id"] for r in runs if r.get("decision") == "keep" and r.get("commit") == tip]
+            moved = f" (run {since[-1]} was kept since)" if since else ""
+            built_on = self.git.short(run["parent"]) if run.get("parent") else "an older commit"
             raise WorkspaceError(
-                f"HEAD is {self.git.short(head)}, not run {run_id}'s commit {self.git.short(run['commit'])}; "
-                "only the latest run can be kept."
+                f"The baseline moved since run {run_id} was made: it builds on {built_on}, and "
+                f"the kept commit is now {self.git.short(tip)}{moved}. Its change was never measured on top of the "
+                f"kept version: call rebase_run({run_id!r}) to re-apply it there, run_experiment it again and keep "
+                f"that run if it still wins (then discard({run_id!r}))."
             )
+        if tip != run["commit"]:
+            self.git.advance_branch(run["commit"], tip)
         self.ledger.append({"type": "run", "id": run["id"], "decision": "keep"})
         return self.decision(session, run["id"], "keep")
 
     @state_change
     def discard(self, run_id: str) -> Decision:
+        """Record the decision; the branch never moved for this run. The working-tree train.py goes back to the kept
+        version only if it still holds exactly the discarded code: edits made since are the agent's, and stay."""
         session, run = self.session_run(run_id)
-        current = self.runs.current()
-        if run.get("status") in IN_FLIGHT or (current is not None and current.run_id == run["id"]):
+        handle = self.runs.get(run["id"])
+        if run.get("status") in IN_FLIGHT or (handle is not None and not handle.done.is_set()):
             raise WorkspaceError(f"Run {run_id} is still training; cancel_run({run_id!r}) first.")
         if run.get("decision") is not None:
             raise WorkspaceError(f"Run {run_id} was already decided ({run['decision']}).")
-        self.git.ensure_only_train_dirty()
         kept, _ = self.kept(session, self.session_runs(session))
-        if self.git.head() != kept or self.git.train_changed():
+        commit = run.get("commit")
+        restored = False
+        if commit is not None and commit != kept and self.git.head() == commit:
+            # a run made before candidates moved the branch itself: move it back, as discard did then
+            self.git.ensure_only_train_dirty()
             self.git.reset_train_to(kept)
+            restored = True
+        elif commit is not None and commit != kept:
+            scratch = ws.read_in_scope(self.root, TRAIN)
+            if scratch == self.git.show_file(commit, TRAIN) and scratch != self.git.show_file(kept, TRAIN):
+                self.git.restore_train(kept)
+                restored = True
         self.ledger.append({"type": "run", "id": run["id"], "decision": "discard"})
-        return self.decision(session, run["id"], "discard")
+        return self.decision(session, run["id"], "discard", restored=restored)
 
-    def decision(self, session: dict, run_id: str, decision: str) -> Decision:
+    @state_change
+    def rebase_run(self, run_id: str) -> RebaseResult:
+        """Re-apply a run's train.py change (its parent -> its commit) onto the kept commit, three-way, into the
+        working tree, so it can run again. The scratch copy is overwritten only when git holds its text already
+        (the session's start, a kept version, some run's code); both sides of a conflict are written into train.py with markers
+        and come back as hunks."""
+        session, run = self.session_run(run_id)
+        commit = run.get("commit")
+        if commit is None:
+            raise WorkspaceError(f"Run {run_id} has no commit (it stopped before one was made); nothing to rebase.")
+        base = run.get("parent") or commit
+        tip = self.git.head()
+        runs = self.session_runs(session)
+        scratch = ws.read_in_scope(self.root, TRAIN)
+        known = self.git.train_blob_ids([tip, session["base_commit"]] + [r.get(k) for r in runs
+                                                                       for k in ("commit", "parent")])
+        if self.git.blob_id(scratch) not in known:
+            raise WorkspaceError(
+                f"train.py holds edits that no run has recorded yet (diff_train shows them), and rebase_run would "
+                f"overwrite them. Run them first (run_experiment) or undo them (edit_train), then call "
+                f"rebase_run({run_id!r}) again."
+            )
+        labels = (f"kept {self.git.short(tip)}", f"base {self.git.short(base)}", f"run {run['id']}")
+        merged, count = self.git.merge_train(base, tip, commit, labels)
+        ws.write_in_scope(self.root, merged, TRAIN)
+        conflicts = conflict_hunks(merged, labels[0], labels[2])
+        diff = self.git.diff_train(tip)
+        if conflicts:
+            next_step = (f"{len(conflicts)} conflict(s): both the kept version and run {run_id} changed the same "
+                         f"lines. Resolve each <<<<<<< ... >>>>>>> block in train.py with edit_train (keep what "
+                         f"both intended), then run_experiment.")
+        elif not diff:
+            next_step = f"Run {run_id}'s change is already in the kept version: nothing to run again."
+        else:
+            next_step = (f"Run {run_id}'s change now sits on the kept version in train.py: "
+                         f"run_experiment(description) to measure it there.")
+        return RebaseResult(run_id=run["id"], onto=tip, base=base, clean=not conflicts and count == 0,
+                            conflicts=conflicts, diff=diff, next_step=next_step)
+
+    def decision(self, session: dict, run_id: str, decision: str, restored: bool = False) -> Decision:
         runs = self.session_runs(session)
         kept, _ = self.kept(session, runs)
         best = self.best(runs)
+        if decision == "discard" and not restored and self.git.train_changed():
+            next_step = ("train.py still holds your newer edits (diff_train shows them against the kept version): "
+                         "go on from there, or undo them with edit_train.")
+        else:
+            next_step = "Edit train.py with your next idea, then run_experiment(description)."
         return Decision(
             run_id=run_id,
             decision=decision,
             head=self.git.head(),
             kept_commit=kept,
             best_val_bpb=best["val_bpb"] if best else None,
-            next_step="Edit train.py with your next idea, then run_experiment(description).",
+            train_py_restored=restored,
+            next_step=next_step,
         )
 
     # ---------------------------------------------------------------- noise floor
 
     async def measure_noise(self, repeats: int, on_progress=None) -> NoiseFloor:
-        """Re-run the kept commit with different seeds; the spread is what a change must beat."""
+        """Re-run the kept commit with different seeds; the spread is what a change must beat. The repeats start
+        as the pool has room (all at once on a pool with that many free slots), then are waited for. The
+        working-tree train.py plays no part: the runs train the kept commit itself."""
         session = self.require_session()
         kept, _ = self.kept(session, self.session_runs(session))
-        if self.git.head() != kept or self.git.train_changed():
-            raise WorkspaceError(
-                "measure_noise re-runs the last kept commit: discard or keep the latest run and undo "
-                "uncommitted train.py edits first (diff_train shows them)."
-            )
-        values, run_ids = [], []
-        for seed in range(DEFAULT_SEED + 1, DEFAULT_SEED + 1 + repeats):
-            result = await self.run_experiment(f"noise floor: seed {seed}", None, on_progress, seed=seed, kind="noise")
-            run_ids.append(result.run_id)
-            if result.status != "succeeded":
-                raise WorkspaceError(f"Noise run {result.run_id} {result.status}: {result.error}. Fix that first.")
-            with self.lock.held():
-                self.ledger.append({"type": "run", "id": result.run_id, "decision": "discard"})
-            values.append(result.val_bpb)
+        seeds = list(range(DEFAULT_SEED + 1, DEFAULT_SEED + 1 + repeats))
+        run_ids: list[str] = []
+        try:
+            for seed in seeds:
+                await self.wait_for_room(run_ids, on_progress)
+                start = functools.partial(self.start_run, f"noise floor: seed {seed}", seed=seed, kind="noise",
+                                          commit=kept)
+                run_ids.append(await anyio.to_thread.run_sync(start))
+            results = [await self.wait_for_run(run_id, None, on_progress) for run_id in run_ids]
+        except BaseException:
+            for run_id in run_ids:  # nobody will read them: they must not hold devices
+                handle = self.runs.get(run_id)
+                if handle is not None and not handle.done.is_set():
+                    await anyio.to_thread.run_sync(self.runs.cancel, run_id)
+            raise
+        with self.lock.held():  # noise runs measured the kept code: they need no decision
+            for result in results:
+                if result.status == "succeeded":
+                    self.ledger.append({"type": "run", "id": result.run_id, "decision": "discard"})
+        if failed := next((r for r in results if r.status != "succeeded"), None):
+            raise WorkspaceError(f"Noise run {failed.run_id} {failed.status}: {failed.error}. Fix that first.")
+        values = [r.val_bpb for r in results]
         kept_runs = [r for r in self.session_runs(session) if r.get("decision") == "keep" and r["commit"] == kept]
         values += [r["val_bpb"] for r in kept_runs if r.get("val_bpb") is not None]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -556,6 +662,16 @@ class Research:
             })
         return self.noise_floor(self.profile_name, self.dataset)
 
+    async def wait_for_room(self, mine: list[str], on_progress=None) -> None:
+        """Until the pool can take another run: following one of `mine` in flight (its progress is reported), else
+        polling (the slot is another run's)."""
+        while not self.has_room():
+            flying = [run_id for run_id in mine if not self.runs.require(run_id).done.is_set()]
+            if flying:
+                await self.runs.wait(flying[0], None, on_progress)
+            else:
+                await anyio.sleep(NOISE_POLL_SECONDS)
+
     # ---------------------------------------------------------------- rows
 
     def result_row(self, run: dict) -> ResultRow:
@@ -563,20 +679,30 @@ class Research:
         memory = metrics.get("peak_vram_mb")
         return ResultRow(
             run_id=run["id"],
-            commit=run["commit"][:7],
+            commit=(run.get("commit") or "")[:7],
             val_bpb=run.get("val_bpb"),
             memory_gb=round(memory / 1024, 1) if isinstance(memory, (int, float)) else None,
             status=row_status(run),
+            device=run.get("device"),
             description=run.get("description", ""),
         )
 
 
-def next_step_for(run: dict, delta: float | None, within_noise: bool | None) -> str:
+def next_step_for(run: dict, delta: float | None, within_noise: bool | None, stale: bool = False) -> str:
     status, run_id = run.get("status"), run["id"]
+    if status == "queued":
+        return f"Waiting for a free device. Call wait_for_run({run_id!r}), or cancel_run({run_id!r})."
     if status in IN_FLIGHT:
         return f"Still training. Call wait_for_run({run_id!r}) to keep waiting, or cancel_run({run_id!r})."
     if run.get("decision"):
         return "Decided. Edit train.py with the next idea and run_experiment."
+    if status == "succeeded" and stale:
+        if delta is not None and delta < 0 and not within_noise:
+            return (f"Better than the best ({delta:+.6f} bpb), but another run was kept since this one was made: "
+                    f"rebase_run({run_id!r}), run it again on the new baseline, and keep that run if it still wins.")
+        return (f"Another run was kept since this one was made ({delta:+.6f} bpb against the best then): "
+                f"discard({run_id!r}), or rebase_run({run_id!r}) and run it again if it was a near-miss."
+                if delta is not None else f"Another run was kept since: rebase_run({run_id!r}) or discard it.")
     if status == "succeeded":
         if delta is None:
             return f"Baseline measured. keep({run_id!r}) to make it the reference."
@@ -592,3 +718,21 @@ def next_step_for(run: dict, delta: float | None, within_noise: bool | None) -> 
         f"The run {status}. Read the error and log_tail (or read_log({run_id!r})); fix train.py and run again, "
         f"or discard({run_id!r}) to go back to the last kept version."
     )
+
+
+def conflict_hunks(text: str, ours: str, theirs: str) -> list[Conflict]:
+    """The conflict blocks git merge-file wrote (labelled ours / theirs), each with its first line in the file."""
+    lines, conflicts, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i] != f"<<<<<<< {ours}":
+            i += 1
+            continue
+        middle = next((j for j in range(i + 1, len(lines)) if lines[j] == "======="), None)
+        end = next((k for k in range(middle + 1, len(lines)) if lines[k] == f">>>>>>> {theirs}"), None) \
+            if middle is not None else None
+        if end is None:
+            break
+        conflicts.append(Conflict(line=i + 1, kept="\n".join(lines[i + 1:middle]),
+                                  run="\n".join(lines[middle + 1:end])))
+        i = end + 1
+    return conflicts

@@ -68,16 +68,15 @@ def summary(val_bpb: str) -> str:
     return f'print("---")\nprint("val_bpb:          {val_bpb}")\nprint("num_steps:        1")\n'
 
 
-def record_pids(path: Path, *expressions: str) -> str:
-    """Code that writes these pids (one per line) to `path`, atomically, so the test can watch the processes."""
-    pids = " + ".join(f"[{e}]" for e in expressions)
-    return (f"with open({str(path) + '.tmp'!r}, 'w') as f:\n    f.write('\\n'.join(map(str, {pids})))\n"
-            f"os.replace({str(path) + '.tmp'!r}, {str(path)!r})\n")
-
-
 def sleeper(new_session: bool) -> str:
     return (f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
-            f"start_new_session={new_session}).pid")
+            f"start_new_session={new_session})\n")
+
+
+# Two sleepers, one in a session of its own, then a `ready` file in the run's folder (its working directory, the one
+# place a sandboxed train.py can write). Pids inside the sandbox are its own namespace's, so the tests find a run's
+# processes from outside instead, by the marker every one of them carries in its environment (run_processes_alive).
+SLEEPERS = sleeper(False) + sleeper(True) + "open('ready', 'w').close()\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,11 +121,6 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] not in "ZX"
 
 
-def live_group_members(pgid: int) -> list[int]:
-    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-            if alive(pid) and (fields := stat_fields(pid)) is not None and int(fields[2]) == pgid]
-
-
 def wait_for_file(path: Path, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -135,8 +129,17 @@ def wait_for_file(path: Path, timeout: float = 60.0) -> str:
     return path.read_text()
 
 
-def read_pids(path: Path) -> list[int]:
-    return [int(line) for line in wait_for_file(path).split()]
+def wait_ready(workspace: Path, run_id: str) -> None:
+    """Until the run's train.py has started its sleepers (SLEEPERS)."""
+    wait_for_file(workspace / ".autoresearch" / "runs" / run_id / "ready")
+
+
+def first_run_ready(workspace: Path) -> str:
+    """The id of the workspace's first run, once its train.py has started its sleepers."""
+    wait_until(lambda: (workspace / ".autoresearch" / "ledger.jsonl").exists() and ledger_runs(workspace))
+    run_id = next(iter(ledger_runs(workspace)))
+    wait_ready(workspace, run_id)
+    return run_id
 
 
 def wait_until(predicate, timeout: float = 60.0) -> None:
@@ -201,13 +204,12 @@ def test_a_printed_val_bpb_is_never_recorded(settings, workspace, tally):
         faked = await run(client, tally, workspace, "print a fake val_bpb, skip the eval",
                           NO_EVAL + summary("0.100000") + "sys.exit(0)\n")
         assert faked["status"] == "crashed" and faked["val_bpb"] is None
-        assert "result file" in faked["error"] and "printed val_bpb does not count" in faked["error"]
+        assert "no model was handed over" in faked["error"] and "printed val_bpb does not count" in faked["error"]
 
-        # an honest evaluation with a different number printed: the result file wins
+        # an honest evaluation with a different number printed: the trusted evaluator's score wins
         honest = await run(client, tally, workspace, "real eval, fake print", TINY + EVALUATE + summary("0.100000"))
         assert honest["status"] == "succeeded"
-        written = json.loads((workspace / ".autoresearch" / "runs" / honest["run_id"] / "result.json").read_text())
-        assert honest["val_bpb"] == written["val_bpb"] > 1.0
+        assert honest["val_bpb"] > 1.0
         assert "val_bpb" not in honest["metrics"]
         rows = (await call(client, "results"))["rows"]
         assert [r["val_bpb"] for r in rows] == [None, honest["val_bpb"]]
@@ -234,8 +236,8 @@ def test_a_crash_after_printing_a_summary_records_no_val_bpb(settings, workspace
 def test_a_model_that_sees_the_future_or_reports_its_own_loss_is_not_scored(settings, workspace, tally):
     # the two ways a model could make evaluate_bpb's number meaningless: a leak of the next token (a broken
     # causal mask), and a forward that hands back a loss of its choosing instead of logits
-    peeks = TINY.replace("return self.head(self.embed(x))",
-                         "return 30.0 * torch.nn.functional.one_hot(torch.roll(x, -1, 1), self.head.out_features).float()")
+    peeks = TINY.replace("return self.head(self.embed(x))", "return 30.0 * (torch.roll(x, -1, 1)[..., None] == "
+                         "torch.arange(self.head.out_features)).float()")
     own_loss = TINY.replace("return self.head(self.embed(x))", "return self.head.weight.sum() * 0")
 
     async def body(client):
@@ -251,7 +253,8 @@ def test_a_model_that_sees_the_future_or_reports_its_own_loss_is_not_scored(sett
 
 
 def test_prepare_py_edited_at_run_time_fails_the_run_and_it_stays_failed(settings, workspace, tally):
-    # The path is assembled at run time, out of the preflight's sight: the pins catch it after the run.
+    # The path is assembled at run time, out of the preflight's sight. In the sandbox the harness is read-only and
+    # the write fails; without it (isolation none) the pins catch the change after the run.
     # the run's own folder is its working directory; the harness folder is the one on its import path
     source = TINY + EVALUATE + ('import os\nopen(os.environ["PYTHONPATH"] + "/prep" + "are.py", "a")'
                                 '.write("\\nEVAL_TOKENS = 1\\n")\n')
@@ -260,15 +263,19 @@ def test_prepare_py_edited_at_run_time_fails_the_run_and_it_stays_failed(setting
         await call(client, "start_session", tag="tamper")
         tampered = await run(client, tally, workspace, "append to the harness", source)
         assert tampered["status"] == "crashed" and tampered["val_bpb"] is None
-        assert "training/prepare.py changed during the run" in tampered["error"]
-        assert "restore it" in tampered["error"]
+        changed = "training/prepare.py changed during the run" in tampered["error"]
+        assert changed or "Read-only file system" in tampered["error"] + tampered["log_tail"], tampered["error"]
         assert "only a succeeded run" in await refused(client, tally, "keep", run_id=tampered["run_id"])
-        # the harness stays changed, so nothing else runs until it is restored
-        message = await refused(client, tally, "run_experiment", description="try again")
-        assert "training/prepare.py" in message
+        if changed:
+            assert "restore it" in tampered["error"]
+            # the harness stays changed, so nothing else runs until it is restored
+            message = await refused(client, tally, "run_experiment", description="try again")
+            assert "training/prepare.py" in message
+            git(workspace, "checkout", "--", "training/prepare.py")
+        else:  # the sandbox kept the harness as it was
+            assert git(workspace, "status", "--porcelain", "--", "training/prepare.py") == ""
         assert ledger_runs(workspace)[tampered["run_id"]]["status"] == "crashed"
 
-        git(workspace, "checkout", "--", "training/prepare.py")
         await call(client, "write_train", content=TINY + EVALUATE)
         again = await run(client, tally, workspace, "harness restored", None)
         assert again["status"] == "succeeded"
@@ -288,13 +295,13 @@ def test_a_result_file_written_by_train_py_is_refused_or_rejected(settings, work
             assert f"train.py line {NO_EVAL.count(chr(10)) + 1}: mentions" in message
         assert ledger_runs(workspace) == {}
 
-        # the same forgery with the name hidden from the preflight: the forged file does not match the pins
+        # the same forgery with the name hidden from the preflight: result.json is never read; no model, no score
         hidden = NO_EVAL + (
             'path = os.environ["AUTORESEARCH_" + "RESULT_FILE"]\n'
             'open(path, "w").write(\'{"val_bpb": 0.1}\')\n')
         forged = await run(client, tally, workspace, "forge the result file", hidden)
         assert forged["status"] == "crashed" and forged["val_bpb"] is None
-        assert "rejected" in forged["error"] and "max_seq_len" in forged["error"]
+        assert "no model was handed over" in forged["error"]
     in_process(settings, body)
     tally.fault_survived()
 
@@ -303,24 +310,21 @@ def test_a_result_file_written_by_train_py_is_refused_or_rejected(settings, work
 # runs that cannot wedge the machine
 
 
-def test_a_child_process_that_outlives_train_py_is_killed(settings, workspace, tally, tmp_path):
-    pids = tmp_path / "pids.txt"
-    source = TINY.replace('"""\n', '"""\nimport os, subprocess, sys\n', 1) + EVALUATE + \
-        record_pids(pids, sleeper(False), sleeper(True))
+def test_a_child_process_that_outlives_train_py_is_killed(settings, workspace, tally):
+    source = TINY.replace('"""\n', '"""\nimport os, subprocess, sys\n', 1) + EVALUATE + SLEEPERS
 
     async def body(client):
         await call(client, "start_session", tag="children")
         result = await run(client, tally, workspace, "leave two sleepers behind", source)
         assert result["status"] == "succeeded"
-        in_group, escaped = read_pids(pids)
-        assert not alive(in_group) and not alive(escaped)
+        assert (workspace / ".autoresearch" / "runs" / result["run_id"] / "ready").exists()
+        assert run_processes_alive(workspace) == []
     in_process(settings, body)
     tally.fault_survived()
 
 
-def test_an_infinite_loop_is_killed_at_the_hard_timeout(workspace, prepared_cache, tally, tmp_path):
-    pids = tmp_path / "pids.txt"
-    source = NO_EVAL + record_pids(pids, "os.getpid()", sleeper(False), "os.getpgrp()") + "while True:\n    pass\n"
+def test_an_infinite_loop_is_killed_at_the_hard_timeout(workspace, prepared_cache, tally):
+    source = NO_EVAL + SLEEPERS + "while True:\n    pass\n"
     settings = Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
                         budget_seconds=BUDGET, timeout_seconds=3)
 
@@ -329,9 +333,8 @@ def test_an_infinite_loop_is_killed_at_the_hard_timeout(workspace, prepared_cach
         result = await run(client, tally, workspace, "never stops", source)
         assert result["status"] == "timed_out" and result["val_bpb"] is None
         assert "hard timeout" in result["error"]
-        main, child, group = read_pids(pids)
-        assert not alive(main) and not alive(child)
-        assert live_group_members(group) == []  # the whole process group is gone
+        assert (workspace / ".autoresearch" / "runs" / result["run_id"] / "ready").exists()
+        assert run_processes_alive(workspace) == []  # train.py, its sleepers, everything the run started
         assert (await call(client, "status"))["run_in_progress"] is None
     in_process(settings, body)
     tally.fault_survived()
@@ -380,71 +383,63 @@ def test_an_import_error_is_a_crash_naming_the_module(settings, workspace, tally
     tally.fault_survived()
 
 
-def forever(pids: Path) -> str:
-    """A run that trains forever: it prints progress, records its pid and a child's, and never ends."""
-    return NO_EVAL + record_pids(pids, "os.getpid()", sleeper(False)) + (
+def forever() -> str:
+    """A run that trains forever: it starts two sleepers, prints progress, and never ends."""
+    return NO_EVAL + SLEEPERS + (
         "step = 0\nwhile True:\n"
         "    print(f'step {step:05d} (1.0%) | loss: 4.000000 | remaining: 1s', flush=True)\n"
         "    step += 1\n    time.sleep(0.2)\n")
 
 
-def test_cancel_run_stops_a_run_mid_flight(settings, workspace, tally, tmp_path):
-    pids = tmp_path / "pids.txt"
-
+def test_cancel_run_stops_a_run_mid_flight(settings, workspace, tally):
     async def body(client):
         await call(client, "start_session", tag="cancel")
-        started = await run(client, tally, workspace, "forever", forever(pids), max_wait_seconds=0.1)
+        started = await run(client, tally, workspace, "forever", forever(), max_wait_seconds=0.1)
         assert started["status"] == "running"
-        main, child = read_pids(pids)
+        wait_ready(workspace, started["run_id"])
         cancelled = tally.run(workspace, await call(client, "cancel_run", run_id=started["run_id"]))
         assert cancelled["status"] == "cancelled" and cancelled["val_bpb"] is None
-        assert not alive(main) and not alive(child)
+        assert run_processes_alive(workspace) == []
         assert (await call(client, "status"))["run_in_progress"] is None
     in_process(settings, body)
     tally.fault_survived()
 
 
-def test_a_client_that_cancels_its_waiting_call_stops_the_run(settings, workspace, tally, tmp_path):
-    pids = tmp_path / "pids.txt"
-
+def test_a_client_that_cancels_its_waiting_call_stops_the_run(settings, workspace, tally):
     async def body(client):
         await call(client, "start_session", tag="client-cancel")
-        await call(client, "write_train", content=forever(pids))
+        await call(client, "write_train", content=forever())
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(client.call_tool, "run_experiment", {"description": "the client gives up"})
-            main, child = await anyio.to_thread.run_sync(read_pids, pids)
+            run_id = await anyio.to_thread.run_sync(first_run_ready, workspace)
             tasks.cancel_scope.cancel()  # the client sends notifications/cancelled for the pending call
-        run_id = next(iter(ledger_runs(workspace)))
         with anyio.fail_after(30):
             while ledger_runs(workspace)[run_id]["status"] == "running":
                 await anyio.sleep(0.05)
         record = ledger_runs(workspace)[run_id]
         assert record["status"] == "cancelled"
         tally.run(workspace, {"run_id": run_id, "status": "cancelled", "val_bpb": None})
-        assert not alive(main) and not alive(child)
+        assert run_processes_alive(workspace) == []
         assert (await call(client, "status"))["run_in_progress"] is None
     in_process(settings, body)
     tally.fault_survived()
 
 
-def test_a_client_that_disconnects_mid_run_leaves_nothing_running(settings, workspace, tally, tmp_path):
-    pids = tmp_path / "pids.txt"
+def test_a_client_that_disconnects_mid_run_leaves_nothing_running(settings, workspace, tally):
     started = {}
 
     async def body(client):
         await call(client, "start_session", tag="disconnect")
-        started.update(await run(client, tally, workspace, "forever", forever(pids), max_wait_seconds=0.1))
-        read_pids(pids)
+        started.update(await run(client, tally, workspace, "forever", forever(), max_wait_seconds=0.1))
+        wait_ready(workspace, started["run_id"])
     in_process(settings, body)  # the client goes away; the server's session ends with the run still training
-    main, child = read_pids(pids)
-    assert not alive(main) and not alive(child)
+    assert run_processes_alive(workspace) == []
     record = ledger_runs(workspace)[started["run_id"]]
     assert record["status"] == "interrupted" and "shut down" in record["error"]
     tally.fault_survived()
 
 
 def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspace, prepared_cache, tally, tmp_path):
-    pids = tmp_path / "pids.txt"
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
@@ -457,7 +452,8 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
             await call(session, "start_session", tag="sigkill")
-            started.update(await run(session, tally, workspace, "forever", forever(pids), max_wait_seconds=0.1))
+            started.update(await run(session, tally, workspace, "forever", forever(), max_wait_seconds=0.1))
+            wait_ready(workspace, started["run_id"])
             server_pid = ledger_runs(workspace)[started["run_id"]]["server_pid"]
             os.kill(server_pid, signal.SIGKILL)
             with anyio.fail_after(30):
@@ -470,9 +466,8 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
         if isinstance(first_leaf(e), (AssertionError, KeyboardInterrupt, pytest.fail.Exception)):
             raise first_leaf(e) from None
     assert started["status"] == "running"
-    main, child = read_pids(pids)
     # the run's launcher saw its server die and took the run down: no orphan trains on, none holds the device
-    wait_until(lambda: not alive(main) and not alive(child) and device_lock_is_free())
+    wait_until(lambda: not run_processes_alive(workspace) and device_lock_is_free())
     assert ledger_runs(workspace)[started["run_id"]]["status"] == "running"  # until the next server settles it
 
     async def second_server(client):
@@ -481,16 +476,16 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
         assert "the server stopped while this run was training" in record["error"]
         status = await call(client, "status")
         assert status["run_in_progress"] is None
-        assert status["head"] == started["commit"] == git(workspace, "rev-parse", "HEAD")
-        assert git(workspace, "status", "--porcelain") == ""
+        # the run was a candidate: the branch stayed at the kept commit; its code is the scratch copy and its ref
+        assert status["head"] == status["kept_commit"] == git(workspace, "rev-parse", "HEAD") == started["parent"]
+        assert git(workspace, "status", "--porcelain") == "M training/train.py"
         assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{started['run_id']}") == started["commit"]
         rows = (await call(client, "results"))["rows"]
         assert [(r["run_id"], r["status"]) for r in rows] == [(started["run_id"], "crash")]
         # the device lock is free: a new run starts
-        pids.unlink()
         again = await run(client, tally, workspace, "after the crash", None, max_wait_seconds=0.1)
         assert again["status"] == "running"
-        read_pids(pids)
+        wait_ready(workspace, again["run_id"])
         tally.run(workspace, await call(client, "cancel_run", run_id=again["run_id"]))
 
     in_process(settings, second_server)
@@ -510,18 +505,16 @@ def test_two_servers_contending_for_one_device(tmp_path, prepared_cache, tally):
         async with Client(first) as a, Client(second) as b:
             await call(a, "start_session", tag="one")
             await call(b, "start_session", tag="two")
-            holder = await run(a, tally, first_ws, "holds the device", forever(tmp_path / "a.txt"),
-                               max_wait_seconds=0.1)
-            pid = read_pids(tmp_path / "a.txt")[0]
+            holder = await run(a, tally, first_ws, "holds the device", forever(), max_wait_seconds=0.1)
+            wait_ready(first_ws, holder["run_id"])
             await call(b, "write_train", content=NO_EVAL + "sys.exit(0)\n")
             message = await refused(b, tally, "run_experiment", description="wants the device")
             assert "busy" in message and holder["run_id"] in message and str(first_ws) in message
-            import psutil
-            assert str(psutil.Process(pid).ppid()) in message  # its launcher, which holds the lock
+            assert str(ledger_runs(first_ws)[holder["run_id"]]["pid"]) in message  # its launcher, which holds the lock
             assert ledger_runs(second_ws) == {}
             tally.run(first_ws, await call(a, "cancel_run", run_id=holder["run_id"]))
             after = await run(b, tally, second_ws, "the device is free again")
-            assert after["status"] == "crashed" and "result file" in after["error"]  # it ran (and measured nothing)
+            assert after["status"] == "crashed" and "no model was handed over" in after["error"]  # it ran
     anyio.run(main)
     tally.fault_survived()
 
@@ -645,9 +638,10 @@ def test_option_like_tags_and_descriptions_never_reach_git_as_options(settings, 
             result = await run(client, tally, workspace, description,
                                NO_EVAL + f"sys.exit(0)  # {description}\n")
             tally.bad_input()
-            assert git(workspace, "log", "-1", "--format=%s") == description
+            assert git(workspace, "log", "-1", "--format=%s", result["commit"]) == description
             assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{result['run_id']}") == result["commit"]
-        assert git(workspace, "rev-list", "--count", "HEAD") == "3"  # nothing amended
+            assert git(workspace, "rev-list", "--count", result["commit"]) == "2"  # a child of the kept commit
+        assert git(workspace, "rev-list", "--count", "HEAD") == "1"  # nothing amended, the branch never moved
         await refused(client, tally, "read_log", run_id="--all")
         await refused(client, tally, "read_log", run_id="../../.git/config")
         await refused(client, tally, "discard", run_id="-f")
@@ -733,9 +727,9 @@ def test_a_second_server_on_one_workspace_refuses_to_start(settings, workspace, 
     tally.fault_survived()
 
 
-def test_an_edit_during_a_run_does_not_change_what_runs(settings, workspace, tally, tmp_path):
-    go = tmp_path / "go"
-    waits = TINY + f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n" + EVALUATE
+def test_an_edit_during_a_run_does_not_change_what_runs(settings, workspace, tally):
+    # it waits for a `go` file in its own folder (the one place a sandboxed train.py sees the test write)
+    waits = TINY + "import os, time\nwhile not os.path.exists('go'):\n    time.sleep(0.05)\n" + EVALUATE
 
     async def body(client):
         await call(client, "start_session", tag="edit-mid-run")
@@ -743,8 +737,8 @@ def test_an_edit_during_a_run_does_not_change_what_runs(settings, workspace, tal
         assert started["status"] == "running"
         # the agent rewrites train.py behind the server's back (its own shell), and through the tool
         (workspace / "training" / "train.py").write_text(NO_EVAL + 'raise SystemExit("the edited code ran")\n')
-        assert "run is in progress" in await refused(client, tally, "write_train", content=NO_EVAL)
-        go.touch()
+        await call(client, "write_train", content=NO_EVAL + 'raise SystemExit("the edited scratch copy ran")\n')
+        (workspace / ".autoresearch" / "runs" / started["run_id"] / "go").touch()
         done = tally.run(workspace, await call(client, "wait_for_run", run_id=started["run_id"]))
         assert done["status"] == "succeeded" and done["val_bpb"] > 1.0
         copy = workspace / ".autoresearch" / "runs" / started["run_id"] / "train.py"
@@ -885,6 +879,6 @@ def test_kill_9_at_any_instant_of_a_start_leaves_ledger_git_and_device_lock_in_a
         assert git(workspace, "status", "--porcelain") in ("", "M training/train.py")
         # and the loop goes on: a new run starts on the free device and ends
         after = await run(client, tally, workspace, "after the kills", NO_EVAL + "sys.exit(0)\n")
-        assert after["status"] == "crashed" and "result file" in after["error"]
+        assert after["status"] == "crashed" and "no model was handed over" in after["error"]
 
     in_process(settings, next_server)

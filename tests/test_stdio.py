@@ -54,8 +54,9 @@ def test_full_loop_over_stdio(workspace, prepared_cache, tmp_path):
             await call(session, "write_train", content=original + "\n# first idea\n")
             first = await call(session, "run_experiment", description="first idea")
             assert first["status"] == "succeeded"
-            assert git(workspace, "log", "--format=%s", "-2").splitlines() == ["first idea", "autoresearch workspace"]
+            assert git(workspace, "rev-parse", "HEAD") == start  # a candidate: the branch moves only on keep
             await call(session, "keep", run_id=first["run_id"])
+            assert git(workspace, "log", "--format=%s", "-2").splitlines() == ["first idea", "autoresearch workspace"]
             kept = git(workspace, "rev-parse", "HEAD")
             assert kept == first["commit"] != start
             assert [r[3] for r in tsv_rows(workspace)] == ["keep", "keep"]

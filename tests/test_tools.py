@@ -12,7 +12,8 @@ from support import call, git
 
 TOOLS = {
     "status", "start_session", "read_file", "edit_train", "write_train", "diff_train", "run_experiment",
-    "wait_for_run", "cancel_run", "keep", "discard", "results", "read_log", "plot_progress", "measure_noise",
+    "wait_for_run", "cancel_run", "keep", "discard", "rebase_run", "results", "read_log", "plot_progress",
+    "measure_noise",
 }
 READ_ONLY = {"status", "read_file", "diff_train", "results", "read_log", "plot_progress", "wait_for_run"}
 BUDGET = 2.0
@@ -137,7 +138,9 @@ async def test_full_loop_baseline_keep_edit_run_discard(client, workspace):
     phases = {"starting", "compiling", "warm-up", "training", "exporting", "evaluating", "done"}
     assert all(message.split()[0] in phases for _, _, message in progress), progress
     assert progress[-1][0] == 100.0 and progress[-1][2].startswith("done")
-    assert "another" in (await refused(client, "run_experiment", description="too early")).lower()
+    # an undecided run blocks nothing: it is listed until someone decides it
+    status = await call(client, "status")
+    assert status["undecided"] == [baseline["run_id"]] == [status["awaiting_decision"]]
 
     kept = await call(client, "keep", run_id=baseline["run_id"])
     assert kept["kept_commit"] == base_commit
@@ -146,13 +149,14 @@ async def test_full_loop_baseline_keep_edit_run_discard(client, workspace):
     await call(client, "write_train", content=source + "\n# a harmless experiment\n")
     second = await call(client, "run_experiment", description="append a comment")
     assert second["status"] == "succeeded"
-    assert second["commit"] != base_commit
-    assert git(workspace, "log", "-1", "--format=%s") == "append a comment"
+    assert second["commit"] != base_commit and second["parent"] == base_commit
+    assert git(workspace, "log", "-1", "--format=%s", second["commit"]) == "append a comment"
+    assert git(workspace, "rev-parse", "HEAD") == base_commit  # a candidate: the branch moves only on keep
     assert second["best_val_bpb"] == baseline["val_bpb"]
     assert second["delta_vs_best"] == pytest.approx(second["val_bpb"] - baseline["val_bpb"])
 
     discarded = await call(client, "discard", run_id=second["run_id"])
-    assert discarded["head"] == base_commit
+    assert discarded["head"] == base_commit and discarded["train_py_restored"]
     assert git(workspace, "rev-parse", "HEAD") == base_commit
     assert (workspace / "training" / "train.py").read_text() == source
     assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{second['run_id']}") == second["commit"]
@@ -166,7 +170,7 @@ async def test_full_loop_baseline_keep_edit_run_discard(client, workspace):
     assert "results.tsv" not in git(workspace, "status", "--porcelain")  # untracked and ignored
 
     log = await call(client, "read_log", run_id=baseline["run_id"], tail=20)
-    assert "val_bpb:" in log["text"]
+    assert "eval:" in log["text"]  # the trusted evaluator scored it (its progress lines end the log)
     picture = await client.call_tool("plot_progress", {})
     assert picture.content[0].type == "image" and picture.content[0].mime_type == "image/png"
 
@@ -176,7 +180,7 @@ async def test_full_loop_baseline_keep_edit_run_discard(client, workspace):
     resources = await client.read_resource("autoresearch://results.tsv")
     assert "discard" in resources.contents[0].text
     run_log = await client.read_resource(f"autoresearch://runs/{baseline['run_id']}/log")
-    assert "val_bpb:" in run_log.contents[0].text
+    assert "eval:" in run_log.contents[0].text
     prompt = await client.get_prompt("autoresearch")
     assert "start_session" in prompt.messages[0].content.text
 
@@ -189,6 +193,8 @@ async def test_max_wait_returns_running_then_wait_for_run_finishes(client, works
     assert "wait_for_run" in started["next_step"]
     status = await call(client, "status")
     assert status["run_in_progress"]["run_id"] == started["run_id"]
+    assert [r["run_id"] for r in status["runs_in_flight"]] == [started["run_id"]]
+    assert status["runs_in_flight"][0]["device"]  # the device it trains on
     assert status["run_in_progress"]["progress"]["phase"] in (
         "starting", "compiling", "warm-up", "training", "exporting", "evaluating")
     assert "still training" in (await refused(client, "run_experiment", description="second")).lower()
