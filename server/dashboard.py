@@ -32,7 +32,7 @@ LOG_TAIL_LINES = 400          # what the page shows of a run's log
 LOG_TAIL_BYTES = 512 * 1024   # never read more than this of a log to show its end
 LIVE_LOG_LINES = 6            # the newest lines shown under the progress bar
 READ_ONLY_METHODS = ("GET", "HEAD")
-LIVE_STATUSES = ("starting", "running")  # a run the ledger has not closed yet
+LIVE_STATUSES = ("queued", "starting", "running")  # a run the ledger has not closed yet
 
 
 def tail_text(path: Path, lines: int) -> str:
@@ -112,6 +112,7 @@ class Board:
             "tsv_status": row_status(run), "val_bpb": run.get("val_bpb"), "delta": delta, "sigma": sigma,
             "within_noise": abs(sigma) < NOISE_SIGMAS if sigma is not None else None,
             "memory_gb": round(memory / 1024, 2) if isinstance(memory, (int, float)) else None,
+            "device": run.get("device"),
             "started_at": run.get("started_at"), "ended_at": run.get("ended_at"), "error": run.get("error"),
         }
 

@@ -42,12 +42,13 @@ def print_results(workspace: Path, tag: str | None, limit: int, show_diff: bool)
     runs = ledger.runs(session["tag"])
     print(f"session {session['tag']} (branch {session['branch']}, profile {session.get('profile')}, "
           f"dataset {session.get('dataset')}): {len(runs)} runs")
-    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<11} description")
+    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<11} {'device':<8} description")
     for run in runs[-limit:] if limit else runs:
         memory = (run.get("metrics") or {}).get("peak_vram_mb")
         memory_text = f"{memory / 1024:.1f}" if isinstance(memory, (int, float)) else "-"
-        print(f"{run['id']:<7} {run['commit'][:7]:<8} {fmt_bpb(run.get('val_bpb')):>9} {memory_text:>7} "
-              f"{table_status(run):<11} {run.get('description', '')}")
+        print(f"{run['id']:<7} {str(run.get('commit') or '')[:7]:<8} {fmt_bpb(run.get('val_bpb')):>9} "
+              f"{memory_text:>7} {table_status(run):<11} {str(run.get('device') or '-'):<8} "
+              f"{run.get('description', '')}")
     kept = [r for r in runs if r.get("decision") == "keep" and r.get("val_bpb") is not None]
     if not kept:
         print("\nno kept run yet")
