@@ -251,7 +251,10 @@ def steps_and_batch(log: str) -> tuple[int, int]:
 def test_training_past_the_budget(lab, honest_real, tally, cheat):
     source = {"untimed-steps": cheats.UNTIMED_STEPS, "slow-clock": cheats.SLOW_CLOCK}[cheat]
     result = lab.run(tally, f"more training than the budget: {cheat}", source)
-    log = holds(lab, tally, result, honest_real, TOLERANCE)
+    # Held to the budget, not to the honest score: a slowed clock also slows train.py's own LR schedule, which
+    # is a legitimate change (as WARMDOWN_RATIO is) and moves val_bpb either way on the same tokens.
+    tally.run(lab.workspace, honest_real)
+    log = lab.log(result)
     if result["status"] == "succeeded":
         seconds, tokens = official_training(result)
         assert seconds <= BUDGET + CLOCK_GRACE, f"official training_seconds {seconds} over the {BUDGET} s budget"
