@@ -82,9 +82,9 @@ class Lab:
         return layout.log_path(self.workspace, result["run_id"]).read_text(errors="replace")
 
     def need_sandbox(self, honest: dict) -> None:
-        """Skip, saying why, unless the trainer runs sandboxed: as status reports it, or as an honest run's official
-        metrics recorded it."""
-        isolation = self.call("status").get("isolation") or (honest.get("metrics") or {}).get("isolation")
+        """Skip, saying why, unless the trainer runs sandboxed: as the honest run's official metrics recorded it (what
+        was in force), or else as status reports it."""
+        isolation = (honest.get("metrics") or {}).get("isolation") or self.call("status").get("isolation")
         if isolation == "none":
             pytest.skip(SANDBOX_ONLY.format("none"))
 
