@@ -34,8 +34,8 @@ def measure(executor: str, devices: str, profile: str, budget: float, runs: int,
     server = create_server(settings)
 
     async def main():
+        t_server = time.perf_counter()  # the server's start (with --ray-address local: the private Ray instance's)
         async with Client(server) as client:
-            t_server = time.perf_counter()
             await call(client, "start_session", tag="bench-parallel")
             source = train.read_text()
             t0 = time.perf_counter()
@@ -84,5 +84,6 @@ def run(opts, shared: dict) -> list[Row]:
                     fmt_s(statistics.fmean(ray)), "the same for a local run", fmt_s(statistics.fmean(local)),
                     f"Ray adds {statistics.fmean(ray) - statistics.fmean(local):.1f} s per run; medians "
                     f"{statistics.median(ray):.1f} / {statistics.median(local):.1f} s over {len(ray)} / {len(local)} "
-                    f"runs; server + private Ray start {found['ray', 'cpu:2']['setup']:.0f} s"))
+                    f"runs; server start + session with a private Ray instance {found['ray', 'cpu:2']['setup']:.0f} s, "
+                    f"without {found['local', 'cpu:2']['setup']:.0f} s"))
     return rows
