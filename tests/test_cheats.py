@@ -33,7 +33,9 @@ from server.research import Settings
 
 BUDGET = 1.0          # seconds: the smallest budget that still gives the real train.py a timed step
 HARD_LIMIT = 240      # seconds: without the trusted pipeline a clock cheat would train on until the watchdogs
-TOLERANCE = 0.1       # val_bpb: two honest 1 s runs of the real train.py differ by less (the load changes the steps)
+# val_bpb: honest 1 s runs of the real train.py differ by up to ~0.12 (its schedules follow the feeder's wall clock);
+# every leak below gains more than 0.3 where it is not caught
+TOLERANCE = 0.25
 EXACT = 1e-6          # val_bpb: TINY is scored on the same graph and rows every time
 CLOCK_GRACE = 2.0     # seconds past the budget the feeder may report: the request in flight when the budget ends
 STEPS_FACTOR = 3      # a clock cheat may take at most this many times the honest run's steps (load varies)

@@ -101,7 +101,7 @@ CAUSALITY = {
     # huge logits at the first position inflate any global scale; a small leak at every position
     "small-leak-large-logits": leaky(
         "        huge = (torch.arange(T, device=idx.device) == 0).float()[None, :, None] * 1e4\n"
-        "        logits = logits + huge + next_token_boost(idx, logits.size(-1), 1.0)\n"),
+        "        logits = logits + huge + next_token_boost(idx, logits.size(-1), 1.5)\n"),
 }
 
 # ---------------------------------------------------------------------------------------------------------------
