@@ -15,9 +15,10 @@ instead of running the pipeline itself:
   equals the session's evaluator pins (same harness, same prepared tokenizer and val data), else it refuses with
   the prepare command to run on that node. Then it runs the pipeline under the node's own launcher (the actor is
   that launcher's "server"), with the node's own run folder, cache and compile cache.
-- cancel and server death stop the local launcher, and the Ray driver inside it dies with it; Ray ends the actors
-  of a dead driver, and a guard process beside each node run takes the node's process tree down when its actor
-  dies (Ray kills only an actor's direct children).
+- cancel and server death stop the local launcher (on SIGTERM it kills the run's actor first), and the Ray driver
+  inside it dies with it. Ray ends the actors of a dead driver once it notices; sooner, an actor whose run nobody
+  polled for LEASE_SECONDS takes the run down and exits. A guard process beside each node run takes the node's
+  process tree down when its actor dies (Ray kills only an actor's direct children).
 - A lost node or worker: the result says stage `interrupted` with the node named, and the run is recorded
   `interrupted`. Nothing waits forever: every Ray call has a timeout.
 
@@ -52,6 +53,7 @@ CALL_TIMEOUT = 60.0  # a Ray call that answers in none of this means the node is
 PLACE_TIMEOUT = 600.0  # how long a run may wait for the cluster to have its resources free
 HEAD_START_TIMEOUT = 120.0  # `ray start --head` on a busy laptop
 HEAD_GRACE = 3.0  # seconds the local head's processes get after SIGTERM
+LEASE_SECONDS = 15.0  # a node run nobody has polled for this long is taken down by its actor (driver gone)
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # how a client proves itself to a cluster
 CHECKED_DIR = Path(tempfile.gettempdir()) / f"autoresearch-ray-{os.getuid()}" / "checked"  # per node, per data
 
@@ -232,6 +234,7 @@ class NodeRunBase:
         self.base: Path | None = None
         self.result_fd: int | None = None
         self.result = b""
+        self.polled = time.monotonic()
 
     def start(self, spec: dict, train_py: str) -> dict:
         ray = sys.modules["ray"]
@@ -264,7 +267,21 @@ class NodeRunBase:
                           str(processes.create_time(me)), str(self.proc.pid)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True).wait()  # it forks away at once: not our child any more
+        self.polled = time.monotonic()
+        threading.Thread(target=self.lease, name="node-run-lease", daemon=True).start()
         return {**where, "pid": self.proc.pid}
+
+    def lease(self) -> None:
+        """Take the run down when its driver stopped polling (the server's launcher was killed or cancelled the
+        run): Ray ends the actors of a dead driver only once it notices, which can take long on a busy machine."""
+        tracked: processes.Procs = {}
+        while self.proc.poll() is None:
+            tracked.update(processes.run_processes(self.proc.pid, tracked))
+            if time.monotonic() - self.polled > LEASE_SECONDS:
+                tracked[self.proc.pid] = processes.create_time(self.proc.pid) or 0.0
+                processes.kill_processes(self.proc.pid, tracked, HEAD_GRACE)
+                os._exit(1)  # the actor goes too: nobody will read it
+            time.sleep(1.0)
 
     def read_result(self) -> None:
         while self.result_fd is not None:
@@ -279,6 +296,7 @@ class NodeRunBase:
             self.result += chunk
 
     def poll(self, offset: int) -> dict:
+        self.polled = time.monotonic()
         exited = self.proc.poll() is not None  # before reading: every byte written before the exit is in this read
         self.read_result()
         with open(self.base / layout.LOG_NAME, "rb") as f:

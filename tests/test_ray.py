@@ -74,7 +74,7 @@ def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(fake
     assert record["status"] == "interrupted", record
     assert socket.gethostname() in record["error"] and "Ray worker" in record["error"]
     assert record["node"] == socket.gethostname() and record["executor"] == "ray"
-    wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=30)
+    wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=60)
 
 
 def test_cancel_kills_the_run_on_its_node(fake_ws, cache, executor):
@@ -84,7 +84,7 @@ def test_cancel_kills_the_run_on_its_node(fake_ws, cache, executor):
     (trainer,) = trainers("r0003")
     record = mgr.cancel("r0003")
     assert record["status"] == "cancelled"
-    wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=30)
+    wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=60)
 
 
 def test_a_node_with_other_data_refuses_naming_the_prepare_command(fake_ws, cache, executor):
