@@ -476,8 +476,9 @@ def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspa
         assert "the server stopped while this run was training" in record["error"]
         status = await call(client, "status")
         assert status["run_in_progress"] is None
-        assert status["head"] == started["commit"] == git(workspace, "rev-parse", "HEAD")
-        assert git(workspace, "status", "--porcelain") == ""
+        # the run was a candidate: the branch stayed at the kept commit; its code is the scratch copy and its ref
+        assert status["head"] == status["kept_commit"] == git(workspace, "rev-parse", "HEAD") == started["parent"]
+        assert git(workspace, "status", "--porcelain") == "M training/train.py"
         assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{started['run_id']}") == started["commit"]
         rows = (await call(client, "results"))["rows"]
         assert [(r["run_id"], r["status"]) for r in rows] == [(started["run_id"], "crash")]
@@ -637,9 +638,10 @@ def test_option_like_tags_and_descriptions_never_reach_git_as_options(settings, 
             result = await run(client, tally, workspace, description,
                                NO_EVAL + f"sys.exit(0)  # {description}\n")
             tally.bad_input()
-            assert git(workspace, "log", "-1", "--format=%s") == description
+            assert git(workspace, "log", "-1", "--format=%s", result["commit"]) == description
             assert git(workspace, "rev-parse", f"refs/autoresearch/runs/{result['run_id']}") == result["commit"]
-        assert git(workspace, "rev-list", "--count", "HEAD") == "3"  # nothing amended
+            assert git(workspace, "rev-list", "--count", result["commit"]) == "2"  # a child of the kept commit
+        assert git(workspace, "rev-list", "--count", "HEAD") == "1"  # nothing amended, the branch never moved
         await refused(client, tally, "read_log", run_id="--all")
         await refused(client, tally, "read_log", run_id="../../.git/config")
         await refused(client, tally, "discard", run_id="-f")
@@ -735,7 +737,7 @@ def test_an_edit_during_a_run_does_not_change_what_runs(settings, workspace, tal
         assert started["status"] == "running"
         # the agent rewrites train.py behind the server's back (its own shell), and through the tool
         (workspace / "training" / "train.py").write_text(NO_EVAL + 'raise SystemExit("the edited code ran")\n')
-        assert "run is in progress" in await refused(client, tally, "write_train", content=NO_EVAL)
+        await call(client, "write_train", content=NO_EVAL + 'raise SystemExit("the edited scratch copy ran")\n')
         (workspace / ".autoresearch" / "runs" / started["run_id"] / "go").touch()
         done = tally.run(workspace, await call(client, "wait_for_run", run_id=started["run_id"]))
         assert done["status"] == "succeeded" and done["val_bpb"] > 1.0
