@@ -137,6 +137,9 @@ def check_pool_flags(args) -> None:
     if args.ray_address and args.executor != "ray":
         raise WorkspaceError(f"--ray-address {args.ray_address} needs --executor ray.")
     if args.devices is not None:
+        if args.devices.strip().lower().startswith("gpu:") and args.executor != "ray":
+            raise WorkspaceError(f"--devices {args.devices} counts a Ray cluster's GPUs and needs --executor ray; "
+                                 "on this machine list them: --devices cuda:0,cuda:1 (or auto).")
         parse_devices(args.devices)
     if args.executor == "ray":
         from server.ray_executor import import_ray
@@ -238,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
     p.add_argument("--token-file", help="file holding the bearer token (else $AUTORESEARCH_TOKEN)")
     p.add_argument("--devices", help="run several experiments at once: auto (every local GPU, else one CPU slot), "
-                                     "cuda:0,cuda:1, or cpu:N (the cores split into N slots); runs beyond the free "
+                                     "cuda:0,cuda:1, cpu:N (the cores split into N slots), or with --executor ray gpu:N (N "
+                                     "runs on the cluster's GPUs); runs beyond the free "
                                      "slots wait as queued (default: the harness's one device, one run at a time)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where runs train: this machine, or a Ray cluster (pip install \"autoresearch-mcp[ray]\")")

@@ -136,6 +136,12 @@ def gpu_slot(index: int) -> Slot:
                 env={"CUDA_VISIBLE_DEVICES": str(index)})
 
 
+def ray_gpu_slot(index: int) -> Slot:
+    """One of N runs in flight on a Ray cluster's GPUs (--devices gpu:N with --executor ray). The lock only bounds
+    how many this machine's servers have in flight; Ray itself hands each run's actor a free GPU on some node."""
+    return Slot(name=f"gpu:{index}", device="cuda", locks=(f"ray-gpu{index}",), env={})
+
+
 def parse_devices(value: str | None, gpus: list[int] | None = None, cores: list[int] | None = None) -> list[Slot]:
     """The slots of a --devices value; WorkspaceError in one line for a bad one. `gpus` and `cores` stand in for
     this machine's (tests)."""
@@ -148,6 +154,11 @@ def parse_devices(value: str | None, gpus: list[int] | None = None, cores: list[
         if count < 1:
             raise WorkspaceError(f"--devices {value}: at least one slot; {DEVICES_HELP}.")
         return cpu_slots(count, cores)
+    if m := re.fullmatch(r"gpu:(\d+)", text):  # a Ray cluster's GPUs: Ray picks the node and the card
+        count = int(m.group(1))
+        if count < 1:
+            raise WorkspaceError(f"--devices {value}: at least one slot; {DEVICES_HELP}.")
+        return [ray_gpu_slot(i) for i in range(count)]
     parts = [p.strip() for p in text.split(",")]
     if not all(re.fullmatch(r"cuda:\d+", p) for p in parts):
         raise WorkspaceError(f"--devices {value!r} is not understood; {DEVICES_HELP}.")
@@ -295,6 +306,9 @@ def make_executor(settings) -> dict:
         raise WorkspaceError(f"--ray-address {address} needs --executor ray.")
     if devices is None and executor == "local":
         return {}
+    if executor != "ray" and (devices or "").strip().lower().startswith("gpu:"):
+        raise WorkspaceError(f"--devices {devices} counts a Ray cluster's GPUs and needs --executor ray; on this "
+                             "machine list them: --devices cuda:0,cuda:1 (or auto).")
     pool = Pool.from_devices(devices)
     if executor == "ray":
         from server.ray_executor import RayExecutor

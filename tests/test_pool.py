@@ -51,6 +51,14 @@ def test_a_gpu_slot_sees_only_its_gpu():
     assert [s.locks for s in slots] == [("cuda:1",), ("cuda:3",)]  # the names executor.py always used
 
 
+def test_gpu_n_counts_runs_on_a_ray_clusters_gpus_wherever_they_are():
+    slots = parse_devices("gpu:3", gpus=[], cores=FOUR_CORES)  # a head node with no GPU of its own
+    assert [(s.name, s.device, s.env) for s in slots] == [(f"gpu:{i}", "cuda", {}) for i in range(3)]
+    assert len({lock for s in slots for lock in s.locks}) == 3  # three in flight from this machine, no more
+    with pytest.raises(WorkspaceError, match="needs --executor ray"):
+        pool.make_executor(type("S", (), {"executor": "local", "devices": "gpu:3", "ray_address": None})())
+
+
 @pytest.mark.parametrize("value, says", [
     ("gpu", "not understood"),
     ("cuda:0,cpu:1", "not understood"),
@@ -81,6 +89,7 @@ def test_local_gpus_reads_the_driver_without_torch(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, says", [
     (["--devices", "gpu0"], "--devices 'gpu0' is not understood"),
     (["--ray-address", "local"], "--ray-address local needs --executor ray"),
+    (["--devices", "gpu:8"], "--devices gpu:8 counts a Ray cluster's GPUs and needs --executor ray"),
 ])
 def test_serve_refuses_bad_pool_flags_in_one_line(flags, says, tmp_path, capsys):
     from server.cli import main
