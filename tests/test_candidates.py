@@ -270,8 +270,8 @@ def test_a_kill_9_after_the_announcement_leaves_ledger_and_git_agreeing_on_the_c
 
 
 def test_the_parallel_loop_through_the_tools(settings, workspace):
-    """Real runs: a candidate trains without moving the branch, an undecided one blocks nothing, keep after
-    another keep refuses, and the near-miss is rebased, re-run and kept."""
+    """Two real runs: a candidate trains without moving the branch, an undecided one blocks nothing, keep after
+    another keep refuses, and the near-miss is rebased onto the kept one."""
     server = create_server(settings)
     train = workspace / TRAIN
 
@@ -308,15 +308,14 @@ def test_the_parallel_loop_through_the_tools(settings, workspace):
             refusal = (await client.call_tool("keep", {"run_id": a["run_id"]})).content[0].text
             assert "baseline moved" in refusal and "rebase_run" in refusal
 
+            # the near-miss, re-applied onto the kept version, ready to run again (the next run's parent is b)
             rebased = await call(client, "rebase_run", run_id=a["run_id"])
-            assert rebased["clean"] and train.read_text() == with_line(idea_b, top, top + "  # idea a")
-            again = await call(client, "run_experiment", description="idea a, on top of b")
-            assert again["status"] == "succeeded" and again["parent"] == b["commit"]
-            await call(client, "keep", run_id=again["run_id"])
-            await call(client, "discard", run_id=a["run_id"])
-            assert git(workspace, "rev-parse", "HEAD") == again["commit"]
-            assert git(workspace, "status", "--porcelain") == ""
+            assert rebased["clean"] and rebased["onto"] == b["commit"]
+            assert train.read_text() == with_line(idea_b, top, top + "  # idea a")
+            discarded = await call(client, "discard", run_id=a["run_id"])
+            assert not discarded["train_py_restored"]  # the scratch copy holds the rebased code, newer than a's
+            assert git(workspace, "rev-parse", "HEAD") == b["commit"]
             rows = (await call(client, "results"))["rows"]
-            assert [r["status"] for r in rows] == ["discard", "keep", "keep"]
+            assert [r["status"] for r in rows] == ["discard", "keep"] and rows[0]["device"]
 
     anyio.run(main)
