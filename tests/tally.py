@@ -74,6 +74,22 @@ def tally():
     assert not lost, "records lost: " + "; ".join(lost)
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (-n N) each worker hands its totals to the controller, which prints the one line."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and TOTALS.used:
+        workeroutput["tally"] = [TOTALS.bad_inputs, TOTALS.faults, TOTALS.lost]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    counts = getattr(node, "workeroutput", {}).get("tally")
+    if counts:
+        TOTALS.used = True
+        TOTALS.bad_inputs, TOTALS.faults, TOTALS.lost = (a + b for a, b in zip(
+            (TOTALS.bad_inputs, TOTALS.faults, TOTALS.lost), counts))
+
+
 def pytest_terminal_summary(terminalreporter):
     if TOTALS.used:
         terminalreporter.write_sep("-", "fault injection")
