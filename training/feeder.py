@@ -297,16 +297,29 @@ def serve(sock, open_batches, feeder):
                 return
             kind = feeder.admit()
             slot = served % SLOTS
-            if kind == END:  # said once; then the socket closes, so any further request meets EOF
-                sock.sendall(REPLY.pack(END, -1, feeder.epoch, feeder.elapsed(time.monotonic()), feeder.tokens))
+            try:
+                if kind == END:  # said once; then the socket closes, so any further request meets EOF
+                    sock.sendall(REPLY.pack(END, -1, feeder.epoch, feeder.elapsed(time.monotonic()), feeder.tokens))
+                    return
+                batch, epoch = next(batches)
+                np.copyto(ring[slot], batch, casting="unsafe")
+                served += 1
+                feeder.epoch = epoch
+                sock.sendall(REPLY.pack(kind, slot, epoch, feeder.elapsed(time.monotonic()), feeder.tokens))
+            except (BrokenPipeError, ConnectionResetError):  # it asked ahead, then left before the answer
+                feeder.finish(_why_gone(sock))
                 return
-            batch, epoch = next(batches)
-            np.copyto(ring[slot], batch, casting="unsafe")
-            served += 1
-            feeder.epoch = epoch
-            sock.sendall(REPLY.pack(kind, slot, epoch, feeder.elapsed(time.monotonic()), feeder.tokens))
     finally:
         batches.close()  # stops the packing thread
+
+
+def _why_gone(sock):
+    """The reason a trainer that stopped reading left: a QUIT still unread means it finished as it should."""
+    try:
+        rest = sock.recv(64, socket.MSG_DONTWAIT)
+    except OSError:
+        rest = b""
+    return "trainer finished" if QUIT in rest else "trainer closed the feed"
 
 
 def _timer(feeder, done):
