@@ -43,3 +43,33 @@ def workspace(tmp_path):
 
 # The fault-injection tally (tests/tally.py): the `tally` fixture and the closing line of the session.
 pytest_plugins = ("tally",)
+
+# The long end-to-end tests: each trains several real runs through the whole trusted pipeline (minutes apiece on
+# two cores). The default run leaves them out (pyproject's addopts: -m "not slow") so CI stays under its time
+# limit; `pytest -q -n 3 -m slow` runs them. What they prove is also proven faster in the default run: the loop
+# through the tools (test_candidates, test_pool), the pipeline and the sandbox (test_cheats' TINY cases,
+# test_sandbox), races and crashes (test_faults' other cases).
+SLOW = {
+    "test_demo.py": ["test_demo_runs_the_loop_end_to_end"],
+    "test_stdio.py": ["test_full_loop_over_stdio"],
+    "test_candidates.py": ["test_the_parallel_loop_through_the_tools"],
+    "test_noise.py": ["test_measure_noise_records_its_runs_like_any_other"],
+    "test_runs.py": ["test_the_real_pipeline_scores_a_sandboxed_run_and_ignores_a_forged_result_file",
+                     "test_the_real_pipeline_runs_with_isolation_none"],
+    "test_dashboard.py": ["test_dashboard_in_a_browser"],
+    "test_tools.py": ["test_full_loop_baseline_keep_edit_run_discard", "test_crashed_run_needs_no_decision"],
+    # the cheats on the real train.py (the harness and record cheats run in the default suite, on TINY)
+    "test_cheats.py": ["test_training_on_the_val_split_through_the_loader", "test_training_past_the_budget",
+                       "test_a_non_causal_model_cannot_improve_the_score"],
+    "test_faults.py": ["test_kill_9_at_any_instant_of_a_start_leaves_ledger_git_and_device_lock_in_agreement",
+                       "test_keep_and_discard_of_one_run_at_once_exactly_one_wins",
+                       "test_a_second_server_on_one_workspace_refuses_to_start",
+                       "test_a_printed_val_bpb_is_never_recorded",
+                       "test_an_edit_during_a_run_does_not_change_what_runs"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SLOW.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)
