@@ -1,5 +1,6 @@
-"""Helpers the tests share: a git query, a tool call that must succeed, the ledger read independently, whether
-a device's machine-wide lock is free, and waiting for a server process to listen."""
+"""Helpers the tests share: a git query, a workspace of stand-in harness files, a tool call that must succeed, the
+ledger read independently, whether a device's machine-wide lock is free, and waiting for a server process to
+listen."""
 
 import fcntl
 import json
@@ -14,6 +15,19 @@ from server.executor import lock_path
 def git(workspace, *args) -> str:
     return subprocess.run(["git", "-C", str(workspace), *args], capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+def stand_in_workspace(ws, training: dict[str, str], gitignore: str):
+    """A git repository at ws holding training/<name> = text for each entry (stand-ins for the harness and
+    train.py) and a .gitignore, committed once on main."""
+    (ws / "training").mkdir(parents=True)
+    for name, text in training.items():
+        (ws / "training" / name).write_text(text)
+    (ws / ".gitignore").write_text(gitignore)
+    git(ws, "init", "-q", "-b", "main")
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    return ws
 
 
 async def call(client, name, **arguments) -> dict:

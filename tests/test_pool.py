@@ -18,6 +18,7 @@ from server.gitops import Git
 from server.ledger import Ledger
 from server.pool import Pool, PoolExecutor, parse_devices
 from server.runs import RunManager
+from support import git, stand_in_workspace
 
 FOUR_CORES = [0, 1, 2, 3]
 
@@ -265,17 +266,9 @@ time.sleep(600)
 
 @pytest.fixture
 def fake_ws(tmp_path):
-    ws = tmp_path / "ws"
-    (ws / "training").mkdir(parents=True)
-    (ws / "training" / "prepare.py").write_text("# a stand-in\n")
-    (ws / "training" / "feeder.py").write_text(FEEDER)
-    (ws / "training" / "evaluator.py").write_text(EVALUATOR)
-    (ws / "training" / "train.py").write_text(FAKE + SUCCEED)
-    (ws / ".gitignore").write_text(".autoresearch/\n")
-    git(ws, "init", "-q", "-b", "main")
-    git(ws, "add", "-A")
-    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
-    return ws
+    return stand_in_workspace(tmp_path / "ws", {"prepare.py": "# a stand-in\n", "feeder.py": FEEDER,
+                                                "evaluator.py": EVALUATOR, "train.py": FAKE + SUCCEED},
+                              ".autoresearch/\n")
 
 
 @pytest.fixture
@@ -284,10 +277,6 @@ def cache(tmp_path):
     folder.mkdir()
     (folder / "fingerprint").write_text(FINGERPRINT)
     return folder
-
-
-def git(ws, *args):
-    return subprocess.run(["git", "-C", str(ws), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def pins(ws, fingerprint=FINGERPRINT):

@@ -28,7 +28,7 @@ from server.executor import lock_path
 from server.gitops import Git
 from server.ledger import Ledger
 from server.runs import RunManager
-from support import device_lock_is_free
+from support import device_lock_is_free, stand_in_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE_SOURCE = "# the frozen harness (a stand-in: the fake train.py below never imports it)\nMAX_SEQ_LEN = 128\n"
@@ -129,17 +129,9 @@ summary(0.987654)
 
 @pytest.fixture
 def workspace(tmp_path):
-    ws = tmp_path / "ws"
-    (ws / "training").mkdir(parents=True)
-    (ws / "training" / "prepare.py").write_text(PREPARE_SOURCE)
-    (ws / "training" / "feeder.py").write_text(FAKE_FEEDER)
-    (ws / "training" / "evaluator.py").write_text(FAKE_EVALUATOR)
-    (ws / "training" / "train.py").write_text(FAKE_HARNESS + SUCCEED)
-    (ws / ".gitignore").write_text(".autoresearch/\nresults.tsv\n*.pid\ngo\n")
-    git(ws, "init", "-q", "-b", "main")
-    git(ws, "add", "-A")
-    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
-    return ws
+    return stand_in_workspace(tmp_path / "ws", {"prepare.py": PREPARE_SOURCE, "feeder.py": FAKE_FEEDER,
+                                                "evaluator.py": FAKE_EVALUATOR, "train.py": FAKE_HARNESS + SUCCEED},
+                              ".autoresearch/\nresults.tsv\n*.pid\ngo\n")
 
 
 @pytest.fixture
