@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from server.errors import WorkspaceError
+from server.layout import RESULT_ENV
 from server.gitops import TRAIN
 
 PREPARE = "training/prepare.py"
@@ -31,10 +32,9 @@ EVALUATOR_PINS_TIMEOUT = 300  # seconds for `evaluator.py --pins` (imports torch
 # result-file key -> describe key: how much an evaluation scored must be exactly what the harness announced
 PINNED_AMOUNTS = {"tokens_evaluated": "eval_tokens_scored", "rows_evaluated": "eval_rows"}
 MAX_EPOCHS = 4  # more passes over the training data per budget than this and val_bpb measures memorisation
-# In a run's environment only as a marker now: every process a trainer spawns inherits it, so leftovers (a
-# double-forked daemon) are found by it. The result file itself is never read: the official result comes from
-# the pipeline over a pipe (server/pipeline.py).
-RESULT_ENV = "AUTORESEARCH_RESULT_FILE"
+# RESULT_ENV (server/layout.py) is in a run's environment only as a marker now: every process a trainer spawns
+# inherits it, so leftovers (a double-forked daemon) are found by it. The result file itself is never read: the
+# official result comes from the pipeline over a pipe (server/pipeline.py).
 # Variables a training process inherits from the server when set; everything else is built from scratch.
 PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
                "HF_HOME", "LD_LIBRARY_PATH", "CUDA_HOME")

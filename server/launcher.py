@@ -19,7 +19,7 @@ import sys
 import threading
 
 from server import processes
-from server.harness import RESULT_ENV
+from server.layout import RESULT_ENV
 from server.pipeline import run_pipeline, write_result
 
 POLL_SECONDS = 0.2  # how often it checks that the server is still its parent
@@ -28,10 +28,7 @@ GRACE_SECONDS = 5.0  # SIGTERM, then SIGKILL after this long
 
 
 def take_down(tracked: processes.Procs) -> None:
-    procs = {**tracked, **processes.run_processes(os.getpid(), tracked)}
-    if os.environ.get(RESULT_ENV):
-        procs.update(processes.processes_with_env(RESULT_ENV, os.environ[RESULT_ENV]))
-    procs.pop(os.getpid(), None)
+    procs = {**tracked, **processes.run_processes(os.getpid(), tracked, (RESULT_ENV, os.environ.get(RESULT_ENV)))}
     processes.kill_processes(None, procs, GRACE_SECONDS)
 
 

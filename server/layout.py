@@ -17,6 +17,7 @@ COMPILE_CACHE_NAME = "compile-cache"  # torch.compile's caches kept across runs,
 RUN_TRAIN_NAME = "train.py"          # the run's own copy of train.py, taken from its commit
 WORKSPACE_LOCK_NAME = "workspace.lock"  # held around every state change (server/wslock.py)
 SERVER_LOCK_NAME = "server.lock"     # held by the one server serving this workspace
+RESULT_ENV = "AUTORESEARCH_RESULT_FILE"  # the trainer's result file (run by hand); every run process carries it
 LOCK_DIR_ENV = "AUTORESEARCH_LOCK_DIR"  # where the device locks live; tests point it at a private folder
 
 

@@ -54,13 +54,11 @@ from pathlib import Path
 
 import psutil
 
-from server import processes, sandbox
+from server import layout, processes, sandbox
 from server.errors import WorkspaceError
 
 FEEDER_FD_ENV = "AUTORESEARCH_FEEDER_FD"     # training/feeder.py's FD_ENV
 HANDOVER_ENV = "AUTORESEARCH_HANDOVER"       # training/handover.py's HANDOVER_ENV
-HANDOVER_NAME = "model.graph"
-MARKER_ENV = "AUTORESEARCH_RESULT_FILE"      # server.harness.RESULT_ENV: the run's marker, the trainer's side only
 SAMPLE_SECONDS = 0.25   # how often the trainer's process tree and its memory are read from outside
 TRACK_SECONDS = 1.0     # how often the whole tree is looked up again (new descendants)
 FEEDER_EXIT_SECONDS = 10.0  # after the trainer is gone, the feeder sees EOF and reports; this long at most
@@ -101,10 +99,10 @@ def _run(spec: dict, out) -> dict:
               "node": spec.get("node") or socket.gethostname(), "device": spec.get("device")}
     trusted = spec.get("trusted_python") or sys.executable
     harness = Path(spec["harness_dir"])
-    graph = run_dir / HANDOVER_NAME
+    graph = run_dir / layout.HANDOVER_NAME
     graph.unlink(missing_ok=True)  # a stale hand-over must never be scored for this run
     env = {k: str(v) for k, v in spec["env"].items()}
-    trusted_env = {k: v for k, v in env.items() if k not in (MARKER_ENV, "PYTHONPATH")}
+    trusted_env = {k: v for k, v in env.items() if k not in (layout.RESULT_ENV, "PYTHONPATH")}
 
     # 1. the trainer's command and the isolation in force (before anything is spawned: a refusal costs nothing)
     try:
@@ -157,7 +155,7 @@ def _run(spec: dict, out) -> dict:
     returncode = watch.wait(trainer, lambda: feeder.poll() is not None and evaluator.start())
     result["trainer_returncode"] = returncode
     trainer_seconds = time.time() - t_trainer
-    left = watch.leftovers(env.get(MARKER_ENV))
+    left = watch.leftovers(env.get(layout.RESULT_ENV))
     if left:
         processes.kill_processes(None, left, GRACE_SECONDS)
         log(f"killed {len(left)} process(es) train.py left running", out)
@@ -327,10 +325,7 @@ class TreeWatch:
     def leftovers(self, marker: str | None) -> processes.Procs:
         """Everything of the trainer's still alive: its session (it leads one), every descendant seen, and anything
         carrying the run's marker (a double-forked daemon that left the session)."""
-        procs = processes.run_processes(self.pid, self.tracked)
-        if marker:
-            procs.update(processes.processes_with_env(MARKER_ENV, marker))
-        procs.pop(os.getpid(), None)
+        procs = processes.run_processes(self.pid, self.tracked, (layout.RESULT_ENV, marker))
         return {pid: t for pid, t in procs.items() if processes.is_alive(pid, t)}
 
 

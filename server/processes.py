@@ -55,9 +55,11 @@ def _snapshot() -> dict[int, dict]:
     return procs
 
 
-def run_processes(root: int, known: Procs) -> Procs:
+def run_processes(root: int, known: Procs, marker: tuple[str, str] | None = None) -> Procs:
     """{pid: create_time} of a run's live processes: root's group and session (root leads both), the known ones
-    still alive, and every descendant of any of them."""
+    still alive, every descendant of any of them and, given the run's environment marker (name, value), every
+    process that carries it: one spawned an instant ago by a parent that is already gone (reparented, in a session
+    of its own) is found by nothing else."""
     procs = _snapshot()
     found = {pid: p["create_time"] for pid, p in procs.items() if root in (p["pgid"], p["sid"])}
     found.update({pid: t for pid, t in known.items() if pid in procs and abs(procs[pid]["create_time"] - t) < 0.01})
@@ -70,6 +72,8 @@ def run_processes(root: int, known: Procs) -> Procs:
             if child not in found:
                 found[child] = procs[child]["create_time"]
                 stack.append(child)
+    if marker and marker[1]:
+        found.update(processes_with_env(*marker))
     found.pop(os.getpid(), None)
     return found
 

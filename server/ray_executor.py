@@ -234,6 +234,7 @@ class NodeRunBase:
         self.base: Path | None = None
         self.result_fd: int | None = None
         self.result = b""
+        self.marker: tuple[str, str] | None = None
         self.polled = time.monotonic()
 
     def start(self, spec: dict, train_py: str) -> dict:
@@ -262,9 +263,10 @@ class NodeRunBase:
         os.close(write_end)
         os.set_blocking(read_end, False)
         self.result_fd = read_end
+        self.marker = (layout.RESULT_ENV, mine["env"][layout.RESULT_ENV])  # every process of the run carries it
         me = os.getpid()
         subprocess.Popen([sys.executable, "-I", "-m", "server.ray_executor", "guard", str(me),
-                          str(processes.create_time(me)), str(self.proc.pid)],
+                          str(processes.create_time(me)), str(self.proc.pid), self.marker[1]],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True).wait()  # it forks away at once: not our child any more
         self.polled = time.monotonic()
@@ -279,6 +281,7 @@ class NodeRunBase:
             tracked.update(processes.run_processes(self.proc.pid, tracked))
             if time.monotonic() - self.polled > LEASE_SECONDS:
                 tracked[self.proc.pid] = processes.create_time(self.proc.pid) or 0.0
+                tracked.update(processes.run_processes(self.proc.pid, tracked, self.marker))
                 processes.kill_processes(self.proc.pid, tracked, HEAD_GRACE)
                 os._exit(1)  # the actor goes too: nobody will read it
             time.sleep(1.0)
@@ -310,12 +313,14 @@ class NodeRunBase:
 
 
 def guard_run(argv: list[str]) -> None:
-    """`python -m server.ray_executor guard ACTOR_PID ACTOR_CREATE_TIME LAUNCHER_PID`, detached (it forks away from
-    the actor, so Ray's kill of the actor's children spares it): when the actor or the node's launcher is gone, it
-    takes what is left of the run's process tree down, as the launcher would have had it survived."""
+    """`python -m server.ray_executor guard ACTOR_PID ACTOR_CREATE_TIME LAUNCHER_PID MARKER`, detached (it forks
+    away from the actor, so Ray's kill of the actor's children spares it): when the actor or the node's launcher is
+    gone, it takes what is left of the run down, as the launcher would have had it survived. The run's processes
+    are found by the run's environment marker too: Ray SIGKILLs the launcher with its actor, and a trainer the
+    launcher spawned since the last look is by then an orphan in a session of its own."""
     if os.fork():
         os._exit(0)
-    actor, started, launcher = int(argv[0]), float(argv[1]), int(argv[2])
+    actor, started, launcher, marker = int(argv[0]), float(argv[1]), int(argv[2]), argv[3]
     tracked: processes.Procs = {launcher: processes.create_time(launcher) or 0.0}
     while processes.is_alive(actor, started) and processes.is_alive(launcher, tracked[launcher]):
         tracked.update(processes.run_processes(launcher, tracked))
@@ -323,7 +328,7 @@ def guard_run(argv: list[str]) -> None:
     # whichever went first (Ray may kill the launcher an instant before the actor): what is left of the run goes.
     # After a run that ended by itself nothing is (the pipeline killed its leftovers), and pids are checked
     # against their start times, so nothing else is touched.
-    tracked.update(processes.run_processes(launcher, tracked))
+    tracked.update(processes.run_processes(launcher, tracked, (layout.RESULT_ENV, marker)))
     processes.kill_processes(launcher, tracked, HEAD_GRACE)
 
 
@@ -513,7 +518,8 @@ def main(argv: list[str]) -> None:
     elif argv and argv[0] == "guard":
         ray_executor.guard_run(argv[1:])
     else:
-        sys.exit("usage: python -m server.ray_executor head SERVER_PID -- CMD... | guard ACTOR_PID TIME LAUNCHER_PID")
+        sys.exit("usage: python -m server.ray_executor head SERVER_PID -- CMD... | "
+                 "guard ACTOR_PID TIME LAUNCHER_PID MARKER")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from server import layout, sandbox
 from server.errors import WorkspaceError
 from server.executor import LocalExecutor, lock_path
 from server.gitops import TRAIN
-from server.harness import HARNESS_DIR, RESULT_ENV, check_result, evaluator_pins, trainer_readable, training_env
+from server.harness import HARNESS_DIR, check_result, evaluator_pins, trainer_readable, training_env
 from server.ledger import now_iso
 from server.pipeline import LOG_PREFIX
 from server.processes import create_time, is_alive, kill_processes, processes_with_env, run_processes
@@ -136,7 +136,7 @@ class RunHandle:
 
     @property
     def env_marker(self) -> tuple[str, str]:
-        return RESULT_ENV, str(self.result_path)
+        return layout.RESULT_ENV, str(self.result_path)
 
 
 class RunManager:
@@ -642,7 +642,7 @@ class RunManager:
                 continue  # another live server is watching it
             commit = self.settle_commit(run)
             result_file = str(layout.result_path(self.workspace, run["id"]))
-            procs = processes_with_env(RESULT_ENV, result_file)
+            procs = processes_with_env(layout.RESULT_ENV, result_file)
             pid, started = run.get("pid"), run.get("proc_create_time")
             leader_alive = started is not None and is_alive(pid, started)
             if leader_alive:

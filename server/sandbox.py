@@ -100,12 +100,12 @@ def resolve(isolation: str) -> tuple[str, str]:
     Raises WorkspaceError when isolation is "sandbox" and no sandbox works here."""
     check_isolation(isolation)
     if isolation == "none":
-        return "none", "isolation none: the trainer runs unsandboxed, as your user"
+        return "none", "the trainer runs unsandboxed, as your user (--isolation none)"
     works, why = probe()
     if not works:
         if isolation == "sandbox":
             raise WorkspaceError(f"--isolation sandbox, but the sandbox does not work here ({why}): {BWRAP_INSTALL_HINT}")
-        return "none", f"isolation auto: no sandbox here ({why}); the trainer runs unsandboxed"
+        return "none", f"no sandbox here ({why}), so the trainer runs unsandboxed (--isolation auto)"
     if sys.platform == "darwin":
         return "sandbox", (f"{why}: no network, writes only to the run dir and temp, no ledger, cache or val data; "
                            "no pid namespace")

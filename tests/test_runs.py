@@ -844,7 +844,7 @@ def test_isolation_sandbox_without_a_working_sandbox_is_refused_before_anything_
         start(mgr, SUCCEED)
     assert Ledger(workspace).run("r0001") is None  # refused before the starting record
     assert manager(workspace, cache, isolation="auto").isolation_in_force() == (
-        "none", "isolation auto: no sandbox here (bwrap not found); the trainer runs unsandboxed")
+        "none", "no sandbox here (bwrap not found), so the trainer runs unsandboxed (--isolation auto)")
     from server.cli import main
     assert main(["serve", "--workspace", str(workspace), "--isolation", "sandbox"]) != 0
     assert "bwrap not found" in capsys.readouterr().err
