@@ -21,7 +21,7 @@ from starlette.routing import Route
 from server.errors import WorkspaceError
 from server.gitops import RUN_ID_RE, Git
 from server.layout import log_path
-from server.ledger import Ledger, row_status
+from server.ledger import Ledger, ran_on, row_status
 from server.plot import progress_png
 from server.report import pick_session
 from server.research import NOISE_SIGMAS
@@ -78,7 +78,7 @@ class Board:
             delta = (run["val_bpb"] - best["val_bpb"]
                      if best is not None and isinstance(run.get("val_bpb"), (int, float)) else None)
             sigma = delta / std if delta is not None and std else None
-            rows.append(self.row(run, delta, sigma))
+            rows.append(self.row(run, delta, sigma, ran_on(run, runs)))
             if run.get("decision") == "keep" and isinstance(run.get("val_bpb"), (int, float)):
                 if best is None or run["val_bpb"] < best["val_bpb"]:
                     best = run
@@ -103,7 +103,7 @@ class Board:
         }
 
     @staticmethod
-    def row(run: dict, delta: float | None, sigma: float | None) -> dict:
+    def row(run: dict, delta: float | None, sigma: float | None, where: str | None) -> dict:
         metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
         memory = metrics.get("peak_vram_mb")
         return {
@@ -112,7 +112,7 @@ class Board:
             "tsv_status": row_status(run), "val_bpb": run.get("val_bpb"), "delta": delta, "sigma": sigma,
             "within_noise": abs(sigma) < NOISE_SIGMAS if sigma is not None else None,
             "memory_gb": round(memory / 1024, 2) if isinstance(memory, (int, float)) else None,
-            "device": run.get("device"),
+            "device": run.get("device"), "node": run.get("node"), "ran_on": where,
             "started_at": run.get("started_at"), "ended_at": run.get("ended_at"), "error": run.get("error"),
         }
 

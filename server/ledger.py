@@ -202,6 +202,16 @@ def row_status(run: dict) -> str:
     return run.get("decision") if run.get("decision") in ("keep", "discard") else "pending"
 
 
+def ran_on(run: dict, runs: list[dict]) -> str | None:
+    """Where a run trained, for people: its device (cuda:1, cpu:0), prefixed with its node when the session's
+    runs trained on more than one node (a Ray cluster), so a bad node or GPU stands out in a table or chart."""
+    device = run.get("device")
+    nodes = {r.get("node") for r in runs if r.get("node")}
+    if len(nodes) > 1 and run.get("node"):
+        return f"{run['node']}/{device or '?'}"
+    return device
+
+
 def _tsv_row(run: dict) -> str:
     status = row_status(run)
     metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}

@@ -38,6 +38,7 @@ class RunResult(BaseModel):
     parent: str | None = Field(None, description="The kept commit the candidate was made on; keep fast-forwards "
                                "only while it is still the kept commit")
     device: str | None = Field(None, description="Device the run trains or trained on")
+    node: str | None = Field(None, description="Host the run trains or trained on (a Ray node, or this machine)")
     description: str = Field(description="What this experiment tried")
     status: RunStatus = Field(description=STATUSES)
     decision: str | None = Field(None, description="keep | discard once decided, else null")
@@ -152,6 +153,7 @@ class ResultRow(BaseModel):
     memory_gb: float | None = Field(description="Peak memory in GB")
     status: str = Field(description="keep | discard | crash | queued | running | pending (succeeded, undecided)")
     device: str | None = Field(None, description="Device that ran it")
+    node: str | None = Field(None, description="Host that ran it (a Ray node, or this machine)")
     description: str = Field(description="What the run tried")
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from server.errors import WorkspaceError
 from server.gitops import Git
-from server.ledger import Ledger, row_status
+from server.ledger import Ledger, ran_on, row_status
 from server.plot import progress_png
 
 
@@ -42,12 +42,15 @@ def print_results(workspace: Path, tag: str | None, limit: int, show_diff: bool)
     runs = ledger.runs(session["tag"])
     print(f"session {session['tag']} (branch {session['branch']}, profile {session.get('profile')}, "
           f"dataset {session.get('dataset')}): {len(runs)} runs")
-    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<11} {'device':<8} description")
-    for run in runs[-limit:] if limit else runs:
+    shown = runs[-limit:] if limit else runs
+    where = {run["id"]: ran_on(run, runs) or "-" for run in shown}
+    width = max([8, *map(len, where.values())])
+    print(f"{'run':<7} {'commit':<8} {'val_bpb':>9} {'mem_gb':>7} {'status':<11} {'device':<{width}} description")
+    for run in shown:
         memory = (run.get("metrics") or {}).get("peak_vram_mb")
         memory_text = f"{memory / 1024:.1f}" if isinstance(memory, (int, float)) else "-"
         print(f"{run['id']:<7} {str(run.get('commit') or '')[:7]:<8} {fmt_bpb(run.get('val_bpb')):>9} "
-              f"{memory_text:>7} {table_status(run):<11} {str(run.get('device') or '-'):<8} "
+              f"{memory_text:>7} {table_status(run):<11} {where[run['id']]:<{width}} "
               f"{run.get('description', '')}")
     kept = [r for r in runs if r.get("decision") == "keep" and r.get("val_bpb") is not None]
     if not kept:

@@ -478,6 +478,7 @@ class Research:
             commit=run["commit"],
             parent=run.get("parent"),
             device=run.get("device"),
+            node=run.get("node"),
             description=run.get("description", ""),
             status=status,
             decision=run.get("decision"),
@@ -684,6 +685,7 @@ class Research:
             memory_gb=round(memory / 1024, 1) if isinstance(memory, (int, float)) else None,
             status=row_status(run),
             device=run.get("device"),
+            node=run.get("node"),
             description=run.get("description", ""),
         )
 

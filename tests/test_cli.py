@@ -158,3 +158,22 @@ def test_the_results_table_shows_timed_out_as_itself(workspace, capsys):
     # results.tsv keeps upstream's vocabulary
     assert [row.split("\t")[3] for row in ledger.results_tsv().splitlines()[1:]] == ["keep", "crash", "crash",
                                                                                        "discard"]
+
+
+def test_the_results_table_names_the_node_once_runs_span_several(workspace, capsys):
+    """On one machine the device says where a run trained; on a Ray cluster, node/device."""
+    from server.ledger import Ledger
+    from server.report import print_results
+
+    ledger = Ledger(workspace)
+    ledger.append({"type": "session", "tag": "t", "branch": "main", "base_commit": "0" * 40})
+    ledger.append({"type": "run", "id": "r0001", "session": "t", "commit": "a" * 40, "status": "succeeded",
+                   "val_bpb": 1.5, "description": "one", "device": "cuda:0", "node": "gpu-node-a"})
+    assert print_results(workspace, "t", 0, False) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[5] == "cuda:0"
+    ledger.append({"type": "run", "id": "r0002", "session": "t", "commit": "b" * 40, "status": "crashed",
+                   "description": "two", "device": "cuda:3", "node": "gpu-node-b"})
+    assert print_results(workspace, "t", 0, False) == 0
+    rows = {line.split()[0]: line.split()[5] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("r000")}
+    assert rows == {"r0001": "gpu-node-a/cuda:0", "r0002": "gpu-node-b/cuda:3"}

@@ -292,3 +292,12 @@ def test_reader_never_raises_on_arbitrary_bytes(tmp_path_factory, content):
     assert all(isinstance(r, dict) for r in got)
     assert all(1 <= n <= content.count(b"\n") + 1 for n in ledger.damaged_lines)
     ledger.results_tsv()
+
+
+def test_where_a_run_ran_names_its_node_only_when_the_runs_span_several():
+    from server.ledger import ran_on
+
+    local = [{"device": "cpu:0", "node": "laptop"}, {"device": "cpu:1", "node": "laptop"}]
+    assert [ran_on(r, local) for r in local] == ["cpu:0", "cpu:1"]
+    cluster = [{"device": "cuda:0", "node": "a"}, {"device": "cuda:0", "node": "b"}, {"id": "old record"}]
+    assert [ran_on(r, cluster) for r in cluster] == ["a/cuda:0", "b/cuda:0", None]
