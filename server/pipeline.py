@@ -33,7 +33,8 @@ spec keys (all JSON-able):
   python            the trainer's interpreter; trusted_python: the feeder's and evaluator's (default: this one)
   env               the run's environment (server.harness.training_env), without the pipeline's own variables
   isolation         auto | sandbox | none (server/sandbox.py)
-  profile, dataset, cache, device            the evaluator's request (cache may be null)
+  profile, dataset, cache, device            the evaluator's request (dataset: its cache name; cache may be null)
+  dataset_source    what the user named: a builtin dataset or a local dataset's folder (for messages)
   evaluator_pins    `evaluator.py --pins` of the session
   readable, hidden  extra paths the trainer may read / must not see (sandbox.build_command)
   compile_cache     a per-workspace folder for torch.compile's caches, writable by the trainer (or null)

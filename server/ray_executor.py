@@ -180,7 +180,8 @@ def check_node(spec: dict, root: Path, cache: str | None) -> None:
     marker = CHECKED_DIR / key
     if marker.exists():
         return
-    prepare = f"autoresearch-mcp prepare --dataset {spec['dataset']} --profile {spec['profile']}" + (
+    prepare = f"autoresearch-mcp prepare --dataset {spec.get('dataset_source') or spec['dataset']} " \
+              f"--profile {spec['profile']}" + (
         f" --cache {cache}" if cache else "")
     try:
         found = evaluator_pins(root, spec["profile"], spec["dataset"], cache)

@@ -128,8 +128,13 @@ class Research:
     def data_ready(self) -> bool:
         return Path(self.harness["ready_marker"]).exists()
 
+    @property
+    def dataset_source(self) -> str:
+        """What the user named: a builtin dataset, or the folder a local dataset was prepared from."""
+        return self.harness.get("source") or self.dataset
+
     def prepare_command(self) -> str:
-        return f"autoresearch-mcp prepare --dataset {self.dataset} --profile {self.profile_name}"
+        return f"autoresearch-mcp prepare --dataset {self.dataset_source} --profile {self.profile_name}"
 
     @property
     def runs(self) -> RunManager:
@@ -140,6 +145,7 @@ class Research:
                 self.git,
                 profile=self.profile_name,
                 dataset=self.dataset,
+                dataset_source=self.dataset_source,
                 cache=self.cache,
                 budget_seconds=self.budget_seconds,
                 python=self.settings.python,

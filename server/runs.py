@@ -27,7 +27,8 @@ from server import layout, sandbox
 from server.errors import WorkspaceError
 from server.executor import LocalExecutor, lock_path
 from server.gitops import TRAIN
-from server.harness import HARNESS_DIR, check_result, evaluator_pins, trainer_readable, training_env
+from server.harness import (HARNESS_DIR, check_result, evaluator_pins, trainer_hidden, trainer_readable,
+                            training_env)
 from server.ledger import now_iso
 from server.pipeline import LOG_PREFIX
 from server.processes import create_time, is_alive, kill_processes, processes_with_env, run_processes
@@ -143,12 +144,13 @@ class RunManager:
     def __init__(self, workspace: Path, ledger, git, *, profile: str, dataset: str, cache: Path,
                  budget_seconds: float, python: str = sys.executable, device: str = "cpu",
                  timeout_seconds: float | None = None, executor: LocalExecutor | None = None,
-                 isolation: str = "auto", queue: bool = False):
+                 isolation: str = "auto", queue: bool = False, dataset_source: str | None = None):
         self.workspace = Path(workspace).resolve()
         self.ledger = ledger
         self.git = git
         self.profile = profile
-        self.dataset = dataset
+        self.dataset = dataset  # the prepared dataset's cache name, what the harness processes are given
+        self.dataset_source = dataset_source or dataset  # the folder of a local dataset: hidden from the trainer
         self.cache = Path(cache)
         self.budget_seconds = budget_seconds
         self.python = python
@@ -255,7 +257,8 @@ class RunManager:
             "device": self.device, "evaluator_pins": evaluator,
             "readable": [str(p) for p in trainer_readable(self.workspace, self.cache, self.dataset,
                                                           profile.get("vocab_size"))],
-            "hidden": [], "compile_cache": str(layout.compile_cache_dir(self.workspace)),
+            "hidden": [str(p) for p in trainer_hidden(self.dataset_source)],
+            "dataset_source": self.dataset_source, "compile_cache": str(layout.compile_cache_dir(self.workspace)),
             "feeder_status": str(layout.feeder_status_path(self.workspace, handle.run_id)),
         }
 

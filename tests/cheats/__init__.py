@@ -337,3 +337,18 @@ try:
 except Exception as e:
     print(f"cheat: val split out of reach: {type(e).__name__}", flush=True)
 ''')
+
+# ---- reading a local dataset's raw folder: the val split is its last files, as plain text
+
+
+def raw_folder(folder: str) -> str:
+    """TINY that reads the raw text of the val split (the folder's last file) straight from the dataset folder."""
+    return tiny(before=f'''
+try:
+    names = sorted(os.listdir({folder!r}))  # cheat
+    with open(os.path.join({folder!r}, names[-1]), encoding="utf-8") as f:
+        text = f.read()
+    print(f"cheat: read {{len(text)}} characters of the val split's raw text", flush=True)
+except Exception as e:
+    print(f"cheat: the raw folder is out of reach: {{type(e).__name__}}", flush=True)
+''')
