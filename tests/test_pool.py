@@ -2,12 +2,14 @@
 that servers sharing a pool never run more runs at once than it has slots."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -318,6 +320,59 @@ def test_a_run_that_finds_no_free_slot_is_queued_and_starts_when_one_frees(fake_
     statuses = [r["status"] for r in Ledger(fake_ws).records() if r.get("id") == "r0002" and r.get("status")]
     assert statuses[:2] == ["queued", "starting"] and statuses[-1] == "succeeded"
     assert "threads 2" in second_log(fake_ws, "r0002")  # the whole-machine slot's threads
+
+
+SERVER = """
+import json, sys, textwrap
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import anyio
+from server.pool import Pool, PoolExecutor, parse_devices
+from support import stand_in_workspace
+from test_pool import EVALUATOR, FAKE, FEEDER, start
+ws, cache, source = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+stand_in_workspace(ws, {{"prepare.py": "# a stand-in\\n", "feeder.py": FEEDER, "evaluator.py": EVALUATOR,
+                        "train.py": FAKE}}, ".autoresearch/\\n")
+executor = PoolExecutor(Pool(parse_devices("cpu:2", cores=[0, 1])))
+mgr = None
+for i in range(1, 4):
+    mgr = start(ws, cache, executor, source, run_id=f"r000{{i}}", queue=True, manager=mgr)
+print(json.dumps([anyio.run(mgr.wait, f"r000{{i}}", 300, None)["status"] for i in range(1, 4)]), flush=True)
+"""
+OVERLAPS = """
+print("phase: training", flush=True)
+with open({spans!r}, "a") as f:
+    f.write(f"start {{time.time()}}\\n")
+time.sleep(1.5)
+with open({spans!r}, "a") as f:
+    f.write(f"end {{time.time()}}\\n")
+result(0.9)
+"""
+
+
+def most_at_once(spans_file) -> int:
+    events = sorted((float(t), kind == "start") for kind, t in (line.split() for line in spans_file.read_text().splitlines()))
+    inside = most = 0
+    for _, starts in events:  # an end and a start at the same instant: the end first (False sorts first)
+        inside += 1 if starts else -1
+        most = max(most, inside)
+    return most
+
+
+def test_two_servers_on_separate_workspaces_sharing_cpu_2_never_run_more_than_two_at_once(tmp_path, cache):
+    """Two server processes, each with its own workspace and three runs to make on the same cpu:2 pool: six runs,
+    never more than two training at any instant, and both slots used at once."""
+    spans = tmp_path / "spans.txt"
+    source = OVERLAPS.format(spans=str(spans))
+    code = SERVER.format(tests=str(Path(__file__).parent))
+    servers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"ws{i}"), str(cache), source],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [server.communicate(timeout=600) for server in servers]
+    for server, (out, err) in zip(servers, outputs):
+        assert server.returncode == 0, err[-3000:]
+        assert json.loads(out.splitlines()[-1]) == ["succeeded"] * 3
+    assert spans.read_text().count("start") == 6
+    assert most_at_once(spans) == 2
 
 
 def second_log(ws, run_id: str) -> str:
