@@ -14,6 +14,7 @@ RESULT_NAME = "result.json"          # what evaluate_bpb writes when run by hand
 HANDOVER_NAME = "model.graph"        # the model train.py hands over to the evaluator (training/handover.py)
 FEEDER_STATUS_SUFFIX = ".feeder.json"  # runs/<run id>.feeder.json: the feeder's figures, outside the run dir
 COMPILE_CACHE_NAME = "compile-cache"  # torch.compile's caches kept across runs, bound into the trainer's sandbox
+EVALUATOR_COMPILE_NAME = "evaluator-compile"  # the evaluator's compiled kernels: hidden from every trainer
 RUN_TRAIN_NAME = "train.py"          # the run's own copy of train.py, taken from its commit
 WORKSPACE_LOCK_NAME = "workspace.lock"  # held around every state change (server/wslock.py)
 SERVER_LOCK_NAME = "server.lock"     # held by the one server serving this workspace
@@ -48,6 +49,10 @@ def feeder_status_path(workspace: Path, run_id: str) -> Path:
 
 def compile_cache_dir(workspace: Path) -> Path:
     return state_dir(workspace) / COMPILE_CACHE_NAME
+
+
+def evaluator_compile_dir(workspace: Path) -> Path:
+    return state_dir(workspace) / EVALUATOR_COMPILE_NAME
 
 
 def device_lock_dir() -> Path:

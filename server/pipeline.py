@@ -38,6 +38,8 @@ spec keys (all JSON-able):
   evaluator_pins    `evaluator.py --pins` of the session
   readable, hidden  extra paths the trainer may read / must not see (sandbox.build_command)
   compile_cache     a per-workspace folder for torch.compile's caches, writable by the trainer (or null)
+  evaluator_compile_cache  the evaluator's own compile cache (or null): handed to it only while the trainer is
+                    sandboxed (it cannot see the folder), removed after a trainer that ran unsandboxed
   feeder_status     the feeder's status file (outside the run dir)
   executor, node    where the run is placed (default "local" and this host's name)
   feeder_args       optional extra feeder arguments (tests: --warmup-tokens 0)
@@ -46,6 +48,7 @@ spec keys (all JSON-able):
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,6 +155,9 @@ def _run(spec: dict, out) -> dict:
     # everything it left are gone.
     request = {"graph": str(graph), "profile": spec["profile"], "dataset": spec["dataset"], "cache": spec.get("cache"),
                "pins": spec["evaluator_pins"], "device": spec.get("device"), "wait": True}
+    evaluator_cache = spec.get("evaluator_compile_cache")
+    if evaluator_cache and launch.isolation == "sandbox":
+        request["compile_cache"] = evaluator_cache
     evaluator = Evaluator(trusted, harness, request, trusted_env, run_dir, out)
     returncode = watch.wait(trainer, lambda: feeder.poll() is not None and evaluator.start())
     result["trainer_returncode"] = returncode
@@ -160,6 +166,8 @@ def _run(spec: dict, out) -> dict:
     if left:
         processes.kill_processes(None, left, GRACE_SECONDS)
         log(f"killed {len(left)} process(es) train.py left running", out)
+    if evaluator_cache and launch.isolation != "sandbox":  # an unsandboxed trainer could have planted kernels there
+        shutil.rmtree(evaluator_cache, ignore_errors=True)
     result.update(feeder_figures(feeder, feeder_out, spec.get("feeder_status")))
     result.update(peak_memory_mb=watch.peak_mb, peak_memory_source=watch.source)
     result["timings"] = {"trainer_seconds": round(trainer_seconds, 3)}

@@ -220,6 +220,7 @@ def node_spec(spec: dict, base: Path, root: Path, cache: str | None, device: str
             "run_dir": str(run_dir), "state_dir": str(base), "harness_dir": str(harness),
             "python": sys.executable, "trusted_python": sys.executable, "env": env, "cache": cache,
             "readable": [str(p) for p in readable], "compile_cache": str(compile_cache),
+            "evaluator_compile_cache": None,  # a node's temp folder is no place a trainer can never write (macOS)
             "feeder_status": str(base / f"{spec['run_id']}.feeder.json"),
             "executor": "ray", "node": node_name(), "device": device}
 

@@ -258,7 +258,8 @@ class RunManager:
             "readable": [str(p) for p in trainer_readable(self.workspace, self.cache, self.dataset,
                                                           profile.get("vocab_size"))],
             "hidden": [str(p) for p in trainer_hidden(self.dataset_source)],
-            "dataset_source": self.dataset_source, "compile_cache": str(layout.compile_cache_dir(self.workspace)),
+            "dataset_source": self.dataset_source,
+            "evaluator_compile_cache": str(layout.evaluator_compile_dir(self.workspace)), "compile_cache": str(layout.compile_cache_dir(self.workspace)),
             "feeder_status": str(layout.feeder_status_path(self.workspace, handle.run_id)),
         }
 

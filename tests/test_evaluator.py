@@ -241,6 +241,7 @@ def test_honest_model_scores_what_evaluate_bpb_scores_in_process(honest, models)
     assert answer["rows_evaluated"] == 128 and answer["batch_rows"] == 6  # 22 batches, the last one padded
     assert answer["tokens_evaluated"] > 0 and answer["bytes_evaluated"] > answer["tokens_evaluated"]
     assert answer["probe_rows"] >= 127 and answer["probe_max_diff"] == 0.0
+    assert answer["compiled"] is False and answer["precision"] == "float32"  # a small evaluation stays eager
     assert answer["peak_memory_mb"] > 0 and answer["eval_seconds"] >= 0
     assert "phase: evaluating" in proc.stderr and "eval: 128/128 rows" in proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # the pipe carries the result and nothing else
@@ -252,6 +253,27 @@ def test_the_graph_runs_under_the_autocast_the_evaluator_uses_on_cuda(harness, c
     assert answer["ok"], answer
     assert answer["precision"] == "bfloat16" and answer["probe_max_diff"] <= 2e-2
     assert answer["val_bpb"] == pytest.approx(honest[1]["val_bpb"], abs=0.02)
+
+
+def test_a_compiled_evaluation_scores_the_same_and_still_probes(harness, cache, pins, models, honest, tmp_path):
+    """What the cpu profile's large evaluation does on a CPU (forced here on the smoke one): the graph compiled, in
+    bf16 where the CPU computes it natively; the same score within that precision's tolerance, a leak still
+    refused, and the compiled kernels kept in the request's compile_cache only."""
+    kernels = tmp_path / "kernels"
+    reqs = [request(models, name, cache, pins, compile=True, compile_cache=str(kernels))
+            for name in ("Tiny", "LeakLate", "Tiny")]
+    proc = subprocess.run([sys.executable, "-I", "-B", "-c", DRIVER, str(harness), json.dumps(reqs)],
+                          env=smoke_env("/nonexistent"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored, leak, again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scored["ok"] and scored["compiled"] is True, scored
+    assert scored["precision"] in ("bfloat16", "float32")
+    close = 0.02 if scored["precision"] == "bfloat16" else 1e-4
+    assert scored["val_bpb"] == pytest.approx(honest[1]["val_bpb"], abs=close)
+    assert scored["probe_max_diff"] <= (2e-2 if scored["precision"] == "bfloat16" else 1e-3)
+    assert not leak["ok"] and "not causal" in leak["error"]
+    assert again["val_bpb"] == scored["val_bpb"]  # from the kept kernels: the very same number
+    assert any(path.is_file() for path in kernels.rglob("*"))
 
 
 @pytest.mark.parametrize("name", ["LeakLate", "LeakAfterFirstCall", "SmallLeakLargeLogits"])

@@ -62,6 +62,7 @@ print(json.dumps(figures), flush=True)
 FAKE_EVALUATOR = f"""
 import json, sys, time
 request = json.loads(sys.stdin.readline())
+open("evaluator-request.json", "w").write(json.dumps(request))  # its working folder is the run's: for the tests
 if request.get("wait") and sys.stdin.readline().strip() != "go":  # started early: the model comes after "go"
     print(json.dumps({{"ok": False, "error": "told to stop"}}))
     sys.exit(1)
@@ -397,6 +398,42 @@ def test_a_run_that_floods_the_log_is_stopped(workspace, cache, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ no leftovers
+
+
+@pytest.mark.parametrize("in_force", ["sandbox", "none"])
+def test_the_evaluator_keeps_compiled_kernels_only_where_no_trainer_could_write(workspace, cache, monkeypatch,
+                                                                              in_force):
+    """The evaluator's compile cache (.autoresearch/evaluator-compile) is named to it only while the trainer runs
+    sandboxed, which hides the folder; after an unsandboxed trainer the folder is removed, so kernels it planted
+    there are never loaded. The pipeline runs in process here, with the isolation it believes in force."""
+    from types import SimpleNamespace
+
+    from server import layout, pipeline, sandbox
+    from server.harness import training_env
+
+    monkeypatch.setattr(sandbox, "build_command", lambda argv, **_: sandbox.Launch(list(argv), in_force, "test"))
+    kernels = layout.evaluator_compile_dir(workspace)
+    planted = kernels / "planted.so"
+    commit_train(workspace, f"""
+    import pathlib
+    pathlib.Path({str(kernels)!r}).mkdir(parents=True, exist_ok=True)
+    pathlib.Path({str(planted)!r}).write_text("kernels a trainer wrote")
+    result()
+    """)
+    mgr = manager(workspace, cache)
+    handle = SimpleNamespace(run_id="r0001", run_dir=layout.run_dir(workspace, "r0001"))
+    handle.run_dir.mkdir(parents=True)
+    (handle.run_dir / "train.py").write_text((workspace / "training" / "train.py").read_text())
+    env = training_env(workspace, profile="smoke", dataset="sotu", cache=cache, budget=5,
+                       result_file=layout.result_path(workspace, "r0001"), seed=42)
+    result = pipeline.run_pipeline({**mgr.pipeline_spec(handle, env, pins(workspace)),
+                                    "log": str(handle.run_dir / "log.txt")})
+    assert result["ok"], result
+    request = json.loads((handle.run_dir / "evaluator-request.json").read_text())
+    if in_force == "sandbox":  # (a real sandbox would have refused the trainer's write)
+        assert request["compile_cache"] == str(kernels) and planted.exists()
+    else:
+        assert "compile_cache" not in request and not kernels.exists()
 
 
 def test_the_hard_timeout_kills_the_run(workspace, cache):

@@ -51,6 +51,13 @@ PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; 
 # profile probes 512 rows (+25% of the evaluation's forward passes), so f = 1% is caught 99.4% of the time.
 PROBE_SHARE = 0.25
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+# On a CPU a large evaluation (the cpu profile's 2^19 tokens: 320 forward passes) is compiled, and run under bf16
+# autocast where the CPU computes bf16 natively (AVX512-BF16, AMX): on a 2-core EPYC eager fp32 took 0.38 s a batch,
+# compiled bf16 0.15 s, for a one-off compile of ~15 s. A small one (smoke) stays eager: compiling would cost more
+# than it saves. The compile runs in this process (no compile workers), its cache in the private folder or in the
+# request's "compile_cache", a folder no trainer can write (the pipeline names one only for sandboxed trainers), so
+# nothing a trainer wrote is ever loaded; CUDA stays eager (its evaluation is already ~2% of the budget).
+COMPILE_MIN_TOKENS = 2**18
 READ_CHUNK = 1 << 22
 PROBE_CHUNK = 512  # positions compared at once (x vocab x 8 bytes)
 
@@ -223,6 +230,29 @@ def probe_diff(scored, probed, cuts):
     return worst
 
 
+def default_autocast(device, compiled):
+    """bf16 on CUDA; on a CPU, bf16 for a compiled evaluation where the CPU computes it natively; else fp32."""
+    import torch
+    if device.type == "cuda":
+        return "bfloat16"
+    if device.type == "cpu" and compiled and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bfloat16"
+    return None
+
+
+def compile_module(module, cache, private):
+    """torch.compile for the CPU, compiled in this process with `cache` as inductor's cache: no compile worker
+    processes, no cache a trainer could have written, and the working directory ours."""
+    import torch
+    import torch._inductor.config as inductor
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    inductor.compile_threads = 1
+    inductor.fx_graph_remote_cache = inductor.autotune_remote_cache = False
+    os.chdir(private)
+    return torch.compile(module, dynamic=False)
+
+
 def load_kernel(repo):
     """A hub kernel (FA3) from the local cache, never the network: installed third-party code, like torch."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -238,7 +268,6 @@ def evaluate(request):
     """Runs one request (see main) and returns the result dict; raises EvalError to refuse."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
     import prepare
     import handover
     t_ready = time.time()
@@ -249,7 +278,12 @@ def evaluate(request):
             if sys.stdin.readline().strip() != "go":
                 raise EvalError("the run ended without handing a model over (the evaluator was told to stop)")
         device = torch.device(request.get("device") or prepare.detect_device())
-        precision = request.get("autocast", "bfloat16" if device.type == "cuda" else None) or "float32"
+        compiled = request.get("compile")
+        if compiled is None:  # by the evaluation's size: the rows every run scores, times their length
+            n_val = len(prepare.load_split(tokenizer, "val")[0])
+            scored = prepare.eval_rows(n_val, prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS) * prepare.MAX_SEQ_LEN
+            compiled = device.type == "cpu" and scored >= COMPILE_MIN_TOKENS
+        precision = request.get("autocast", default_autocast(device, compiled)) or "float32"
         if precision not in ("float32", *AUTOCAST_DTYPES):
             raise EvalError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)} or null, not {precision!r}")
         if device.type == "cuda":
@@ -277,6 +311,8 @@ def evaluate(request):
                             f"handover.export_model, which uses this profile's shape")
         B = int(meta.shape[0])
         module = ep.module()
+        if compiled:
+            module = compile_module(module, Path(request.get("compile_cache") or private / "inductor"), private)
         load_seconds = time.time() - t0
 
         rows, packed = val_rows(prepare, tokenizer, B, T)
@@ -286,15 +322,26 @@ def evaluate(request):
         token_bytes = torch.from_numpy(tokenizer.token_bytes).to(device)
         ctx = torch.autocast(device.type, dtype=getattr(torch, precision)) if precision != "float32" else None
 
-        def run(x):
+        def nll_and_range(logits, y):
+            """Our own scoring of the graph's logits, in fp32: every position's cross-entropy, and the logits' lowest
+            and highest value (NaN and inf propagate to them: both finite means every logit is)."""
+            f = logits.float()
+            return torch.logsumexp(f, -1) - f.gather(-1, y[..., None]).squeeze(-1), f.amin(), f.amax()
+
+        score = torch.compile(nll_and_range, dynamic=False) if compiled else nll_and_range
+
+        def run(x, y):
+            """(the graph's logits for x, the cross-entropy of each position against y)."""
             with torch.no_grad(), (ctx or torch.no_grad()):
                 logits = module(x)
             if not torch.is_tensor(logits) or tuple(logits.shape) != (B, T, V) or not logits.is_floating_point():
                 shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
                 raise EvalError(f"the graph returned {shape}, not logits ({B}, {T}, {V})")
-            if not torch.isfinite(logits).all():
+            with torch.no_grad():
+                nll, lowest, highest = score(logits, y)
+            if not (torch.isfinite(lowest) and torch.isfinite(highest)):
                 raise EvalError("the model produced non-finite logits (NaN or inf); val_bpb is not defined")
-            return logits
+            return logits, nll
 
         log("phase: evaluating")
         report_every = max(1, n_batches // prepare.EVAL_PROGRESS_LINES)
@@ -305,20 +352,19 @@ def evaluate(request):
         order = list(plan) + [b for b in range(n_batches) if b not in plan]
         for done, b in enumerate(order, 1):
             batch = torch.from_numpy(packed[b * B:(b + 1) * B]).to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
-            logits = run(x)
-            loss = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1), reduction="none")
+            x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # one layout every call: one compiled graph
+            logits, loss = run(x, y)
             nbytes = token_bytes[y]
             mask = nbytes > 0
             mask[rows - b * B:] = False  # padding rows: computed, never counted
-            total_nats += torch.where(mask.reshape(-1), loss.double(), 0.0).sum().item()
+            total_nats += torch.where(mask, loss.double(), 0.0).sum().item()
             total_bytes += int(torch.where(mask, nbytes, 0).sum().item())
             total_tokens += int(mask.sum().item())
             for entries in plan.get(b, []):
                 probe = x.clone()
                 for i, donor, cut in entries:
                     probe[i, cut:] = torch.from_numpy(packed[donor, cut:T]).to(device)
-                probed = run(probe)
+                probed, _ = run(probe, y)
                 diff = probe_diff(logits, probed, [cut for _, _, cut in entries])
                 worst, probe_rows = max(worst, diff), probe_rows + len(entries)
                 if diff > tolerance:
@@ -338,7 +384,7 @@ def evaluate(request):
                 "dataset": prepare.DATASET, "rows_evaluated": rows, "tokens_evaluated": total_tokens,
                 "bytes_evaluated": total_bytes, "eval_seconds": round(eval_seconds, 3),
                 "load_seconds": round(load_seconds, 3), "startup_seconds": round(t_ready - T_START, 3),
-                "peak_memory_mb": round(peak_mb, 1), "batch_rows": B, "precision": precision,
+                "peak_memory_mb": round(peak_mb, 1), "batch_rows": B, "precision": precision, "compiled": bool(compiled),
                 "probe_rows": probe_rows, "probe_max_diff": worst, "graph_sha256": graph_sha,
                 "val_fingerprint": request["pins"]["data"]["val.bin"]}
     finally:
@@ -352,9 +398,10 @@ def evaluate(request):
 def check_request(request):
     """A request: {"graph": path of the handed-over file, "profile": name, "dataset": source, "cache": dir or null,
     "pins": {"harness": {file: sha256}, "data": {file: sha256}}, optional "device", "autocast" (bfloat16 | float16
-    | null), "kernels" (hub repos whose custom ops to register, e.g. FA3's), "extra_ops" (custom op names or
-    torch.ops.<namespace>.* to allow besides the allow-list), "probe_seed" (a fixed probe plan), "wait" (true: the
-    request is one line, sent before the model exists; the evaluator imports, checks the pins and copies the data,
+    | null), "compile" (true | false | null: by the evaluation's size), "compile_cache" (a folder to keep compiled
+    kernels in across runs: one no trainer can write), "kernels" (hub repos whose custom ops to register, e.g.
+    FA3's), "extra_ops" (custom op names or torch.ops.<namespace>.* to allow besides the allow-list), "probe_seed"
+    (a fixed probe plan), "wait" (true: the request is one line, sent before the model exists; the evaluator imports, checks the pins and copies the data,
     then waits for a line "go" on stdin before it reads the graph; anything else stops it)}."""
     if not isinstance(request, dict):
         return "the request must be one JSON object"
