@@ -196,7 +196,7 @@ def _run(spec: dict, out) -> dict:
             "dataset", "batch_rows", "precision", "probe_rows", "graph_sha256")
     result.update({k: answer.get(k) for k in keep})
     result["evaluator"] = {k: answer.get(k) for k in ("startup_seconds", "load_seconds", "eval_seconds",
-                                                      "peak_memory_mb")}
+                                                      "peak_memory_mb", "compiled")}
     result.update(ok=True, stage=None, error=None)
     return result
 
