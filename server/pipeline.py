@@ -42,6 +42,8 @@ spec keys (all JSON-able):
                     sandboxed (it cannot see the folder), removed after a trainer that ran unsandboxed
   feeder_status     the feeder's status file (outside the run dir)
   executor, node    where the run is placed (default "local" and this host's name)
+  adapt_threads     a CPU run's threads are cut to the cores no other process keeps busy at its start (unless the
+                    user set OMP_NUM_THREADS for the server)
   feeder_args       optional extra feeder arguments (tests: --warmup-tokens 0)
   log               optional: the run's log file, appended to (a host whose stdout is not the log: a Ray task)
 """
@@ -58,7 +60,7 @@ from pathlib import Path
 
 import psutil
 
-from server import layout, processes, sandbox
+from server import layout, pool, processes, sandbox
 from server.errors import WorkspaceError
 
 FEEDER_FD_ENV = "AUTORESEARCH_FEEDER_FD"     # training/feeder.py's FD_ENV
@@ -84,6 +86,18 @@ def log(line: str, out=None) -> None:
         out.flush()
 
 
+def cpu_threads(env: dict, out) -> dict:
+    """The thread settings of a CPU run starting now: its slot's (or every core) less the cores other programs keep
+    busy (server/pool.py), said in the log when that is fewer. Trainer and evaluator both get them."""
+    limit = int(env.get("OMP_NUM_THREADS") or len(pool.usable_cores()))
+    threads, busy = pool.spare_threads(limit)
+    if threads >= limit:
+        return {}
+    log(f"threads: {threads} of {limit}, other processes keep {busy:.1f} cores busy (more threads than free cores "
+        "wait for one another)", out)
+    return pool.thread_env(threads)
+
+
 def run_pipeline(spec: dict) -> dict:
     """Run one experiment end to end; returns the official result (a JSON-able dict, see the module docstring).
     `ok` False with `stage` (sandbox | trainer | handover | evaluator | pipeline) and `error` when it failed;
@@ -106,6 +120,8 @@ def _run(spec: dict, out) -> dict:
     graph = run_dir / layout.HANDOVER_NAME
     graph.unlink(missing_ok=True)  # a stale hand-over must never be scored for this run
     env = {k: str(v) for k, v in spec["env"].items()}
+    if spec.get("adapt_threads") and str(spec.get("device") or "cpu").startswith("cpu"):
+        env.update(cpu_threads(env, out))
     trusted_env = {k: v for k, v in env.items() if k not in (layout.RESULT_ENV, "PYTHONPATH")}
 
     # 1. the trainer's command and the isolation in force (before anything is spawned: a refusal costs nothing)

@@ -32,6 +32,11 @@ CPU_LOCK = "cpu{}"  # one lock per core
 # Variables that size a CPU run's thread pools (torch reads OMP_NUM_THREADS; the BLAS libraries their own).
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
               "NUMEXPR_NUM_THREADS")
+# A CPU run's threads are its cores less those other processes keep busy when it starts, measured over this long.
+# More threads than the cores a run really gets make torch's OpenMP threads wait for one another at every kernel:
+# on a 2-core box with one core kept busy by another program, the cpu profile's step took 12.6 s with 2 threads
+# and 3.2 s with 1 (1.5 s on the quiet machine with 2).
+LOAD_SAMPLE_SECONDS = 0.3
 NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
 NVIDIA_SMI_TIMEOUT = 10  # seconds; a wedged driver must not hang the server's start
 DEVICES_HELP = ("pass --devices auto (every local GPU, else one CPU slot), --devices cuda:0,cuda:1 (those GPUs) or "
@@ -122,12 +127,12 @@ def cpu_slots(count: int, cores: list[int] | None = None) -> list[Slot]:
         size = len(cores) // count + (1 if i < len(cores) % count else 0)
         mine = tuple(cores[start:start + size])
         start += size
-        threads = str(len(mine))
+        threads = len(mine)
         name = "cpu" if count == 1 else f"cpu:{i}"
         # the whole-machine slot also takes the `cpu` lock every earlier server took, which names it as the holder
         locks = (("cpu",) if count == 1 else ()) + tuple(CPU_LOCK.format(c) for c in mine)
         slots.append(Slot(name=name, device="cpu", locks=locks,
-                          env={**dict.fromkeys(THREAD_ENV, threads), "CUDA_VISIBLE_DEVICES": ""}, cores=mine))
+                          env={**thread_env(threads), "CUDA_VISIBLE_DEVICES": ""}, cores=mine))
     return slots
 
 
@@ -231,6 +236,21 @@ class Pool:
                     return e
                 return WorkspaceError(f"All {self.size} device slots ({self.describe()}) are busy. {e}")
         return WorkspaceError(f"All {self.size} device slots ({self.describe()}) are busy.")
+
+
+def thread_env(threads: int) -> dict:
+    return dict.fromkeys(THREAD_ENV, str(threads))
+
+
+def spare_threads(limit: int, sample: float = LOAD_SAMPLE_SECONDS) -> tuple[int, float]:
+    """(threads for a CPU run starting now, cores other processes keep busy): at most `limit`, one per core this
+    process may use that is not busy now (rounded), at least one."""
+    import psutil
+
+    cores = usable_cores()
+    per_cpu = psutil.cpu_percent(interval=sample, percpu=True)
+    busy = sum(per_cpu[c] for c in cores if c < len(per_cpu)) / 100
+    return max(1, min(limit, round(len(cores) - busy))), busy
 
 
 def run_env(env: dict, slot: Slot) -> dict:

@@ -258,7 +258,7 @@ class RunManager:
             "readable": [str(p) for p in trainer_readable(self.workspace, self.cache, self.dataset,
                                                           profile.get("vocab_size"))],
             "hidden": [str(p) for p in trainer_hidden(self.dataset_source)],
-            "dataset_source": self.dataset_source,
+            "dataset_source": self.dataset_source, "adapt_threads": "OMP_NUM_THREADS" not in os.environ,
             "evaluator_compile_cache": str(layout.evaluator_compile_dir(self.workspace)), "compile_cache": str(layout.compile_cache_dir(self.workspace)),
             "feeder_status": str(layout.feeder_status_path(self.workspace, handle.run_id)),
         }

@@ -216,6 +216,19 @@ def test_run_env_and_affinity_keep_a_run_on_its_slot():
         child.wait()
 
 
+@pytest.mark.parametrize("busy, limit, threads", [
+    ([100.0, 0.0], 2, 1),   # another program keeps one of two cores busy: one thread
+    ([55.0, 50.0], 2, 1),
+    ([20.0, 10.0], 2, 2),   # light background work: every core
+    ([0.0, 0.0], 1, 1),     # never more than the slot's cores
+    ([100.0, 100.0], 2, 1),  # never fewer than one
+])
+def test_a_cpu_runs_threads_are_the_cores_no_other_process_keeps_busy(monkeypatch, busy, limit, threads):
+    monkeypatch.setattr(pool, "usable_cores", lambda: [0, 1])
+    monkeypatch.setattr("psutil.cpu_percent", lambda interval, percpu: busy)
+    assert pool.spare_threads(limit) == (threads, sum(busy) / 100)
+
+
 # ---------------------------------------------------------------- runs on the pool: a stand-in harness
 
 FINGERPRINT = "a" * 64
@@ -299,9 +312,10 @@ def start(ws, cache, executor, source, run_id="r0001", fingerprint=FINGERPRINT, 
     return mgr
 
 
-def test_a_run_that_finds_no_free_slot_is_queued_and_starts_when_one_frees(fake_ws, cache):
+def test_a_run_that_finds_no_free_slot_is_queued_and_starts_when_one_frees(fake_ws, cache, monkeypatch):
     """cpu:1, queueing: the second run is recorded queued (no process, phase queued), starts when the first ends,
     and both succeed on the slot; a queued run cancelled before it started is recorded cancelled."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # threads set by hand: the slot's count, whatever the load
     executor = PoolExecutor(Pool(parse_devices("cpu:1", cores=[0, 1])))
     mgr = start(fake_ws, cache, executor, HANGS, run_id="r0001", queue=True)
     first = mgr.get("r0001")

@@ -60,9 +60,10 @@ print(json.dumps(figures), flush=True)
 # The fake evaluator: the real one's request and answer; the "model" it scores is the JSON train.py handed over,
 # whose keys override the answer ("refuse": an error; "eval_lines"/"eval_sleep": progress at that pace).
 FAKE_EVALUATOR = f"""
-import json, sys, time
+import json, os, sys, time
 request = json.loads(sys.stdin.readline())
-open("evaluator-request.json", "w").write(json.dumps(request))  # its working folder is the run's: for the tests
+# its working folder is the run's: what it was asked, and its threads, for the tests
+open("evaluator-request.json", "w").write(json.dumps({{**request, "threads": os.environ.get("OMP_NUM_THREADS")}}))
 if request.get("wait") and sys.stdin.readline().strip() != "go":  # started early: the model comes after "go"
     print(json.dumps({{"ok": False, "error": "told to stop"}}))
     sys.exit(1)
@@ -400,40 +401,73 @@ def test_a_run_that_floods_the_log_is_stopped(workspace, cache, monkeypatch):
 # ------------------------------------------------------------------------------------------------ no leftovers
 
 
-@pytest.mark.parametrize("in_force", ["sandbox", "none"])
-def test_the_evaluator_keeps_compiled_kernels_only_where_no_trainer_could_write(workspace, cache, monkeypatch,
-                                                                              in_force):
-    """The evaluator's compile cache (.autoresearch/evaluator-compile) is named to it only while the trainer runs
-    sandboxed, which hides the folder; after an unsandboxed trainer the folder is removed, so kernels it planted
-    there are never loaded. The pipeline runs in process here, with the isolation it believes in force."""
+def pipeline_in_process(workspace, cache, source):
+    """One run's pipeline (server/pipeline.py) in this process, as the launcher runs it, so a test can monkeypatch
+    what it decides; returns (its official result, the run dir)."""
     from types import SimpleNamespace
 
-    from server import layout, pipeline, sandbox
+    from server import layout, pipeline
     from server.harness import training_env
 
-    monkeypatch.setattr(sandbox, "build_command", lambda argv, **_: sandbox.Launch(list(argv), in_force, "test"))
-    kernels = layout.evaluator_compile_dir(workspace)
-    planted = kernels / "planted.so"
-    commit_train(workspace, f"""
-    import pathlib
-    pathlib.Path({str(kernels)!r}).mkdir(parents=True, exist_ok=True)
-    pathlib.Path({str(planted)!r}).write_text("kernels a trainer wrote")
-    result()
-    """)
-    mgr = manager(workspace, cache)
+    commit_train(workspace, source)
     handle = SimpleNamespace(run_id="r0001", run_dir=layout.run_dir(workspace, "r0001"))
     handle.run_dir.mkdir(parents=True)
     (handle.run_dir / "train.py").write_text((workspace / "training" / "train.py").read_text())
     env = training_env(workspace, profile="smoke", dataset="sotu", cache=cache, budget=5,
                        result_file=layout.result_path(workspace, "r0001"), seed=42)
-    result = pipeline.run_pipeline({**mgr.pipeline_spec(handle, env, pins(workspace)),
-                                    "log": str(handle.run_dir / "log.txt")})
+    spec = manager(workspace, cache).pipeline_spec(handle, env, pins(workspace))
+    return pipeline.run_pipeline({**spec, "log": str(handle.run_dir / "log.txt")}), handle.run_dir
+
+
+@pytest.mark.parametrize("in_force", ["sandbox", "none"])
+def test_the_evaluator_keeps_compiled_kernels_only_where_no_trainer_could_write(workspace, cache, monkeypatch,
+                                                                              in_force):
+    """The evaluator's compile cache (.autoresearch/evaluator-compile) is named to it only while the trainer runs
+    sandboxed, which hides the folder; after an unsandboxed trainer the folder is removed, so kernels it planted
+    there are never loaded. The pipeline runs with the isolation it believes in force."""
+    from server import layout, sandbox
+
+    monkeypatch.setattr(sandbox, "build_command", lambda argv, **_: sandbox.Launch(list(argv), in_force, "test"))
+    kernels = layout.evaluator_compile_dir(workspace)
+    planted = kernels / "planted.so"
+    result, run_dir = pipeline_in_process(workspace, cache, f"""
+    import pathlib
+    pathlib.Path({str(kernels)!r}).mkdir(parents=True, exist_ok=True)
+    pathlib.Path({str(planted)!r}).write_text("kernels a trainer wrote")
+    result()
+    """)
     assert result["ok"], result
-    request = json.loads((handle.run_dir / "evaluator-request.json").read_text())
+    request = json.loads((run_dir / "evaluator-request.json").read_text())
     if in_force == "sandbox":  # (a real sandbox would have refused the trainer's write)
         assert request["compile_cache"] == str(kernels) and planted.exists()
     else:
         assert "compile_cache" not in request and not kernels.exists()
+
+
+@pytest.mark.parametrize("set_by_hand", [False, True])
+def test_a_cpu_run_on_a_busy_machine_gets_one_thread_per_free_core(workspace, cache, monkeypatch, set_by_hand):
+    """Another program keeps a core busy as the run starts: trainer and evaluator get one thread fewer, and the log
+    says why. Threads the user set for the server (OMP_NUM_THREADS) are theirs."""
+    from server import pool
+
+    monkeypatch.setattr(pool, "spare_threads", lambda limit: (1, 1.0))
+    monkeypatch.setattr(pool, "usable_cores", lambda: [0, 1])
+    if set_by_hand:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    result, run_dir = pipeline_in_process(workspace, cache, """
+    print("trainer threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+    result()
+    """)
+    assert result["ok"], result
+    log = (run_dir / "log.txt").read_text()
+    evaluator_threads = json.loads((run_dir / "evaluator-request.json").read_text())["threads"]
+    if set_by_hand:
+        assert "trainer threads 2" in log and "threads: " not in log and evaluator_threads == "2"
+    else:
+        assert "trainer threads 1" in log and evaluator_threads == "1"
+        assert "threads: 1 of 2, other processes keep 1.0 cores busy" in log
 
 
 def test_the_hard_timeout_kills_the_run(workspace, cache):
