@@ -18,7 +18,9 @@ process. The steps:
               (`phase: evaluating`, `eval: n/N rows`) on stderr into the log, where the server's watchdogs read it.
 
 The official result is the evaluator's val_bpb, rows and tokens, the feeder's training_seconds and tokens, the
-trusted peak memory, and the isolation that was in force (with executor, node and device).
+trusted peak memory, the MFU from those alone (the FLOPs per token the evaluator counts in the handed-over graph,
+the feeder's tokens and seconds, the device's peak as the harness knows it), and the isolation that was in force
+(with executor, node and device).
 
 How it reaches the server: run_pipeline returns it; the launcher writes it as one JSON line to a pipe whose write
 end the server handed it (`--result-fd`) and whose read end the server reads when the launcher exits. Every child
@@ -212,9 +214,23 @@ def _run(spec: dict, out) -> dict:
             "dataset", "batch_rows", "precision", "probe_rows", "graph_sha256")
     result.update({k: answer.get(k) for k in keep})
     result["evaluator"] = {k: answer.get(k) for k in ("startup_seconds", "load_seconds", "eval_seconds",
-                                                      "peak_memory_mb", "compiled")}
+                                                      "peak_memory_mb", "compiled", "forward_flops_per_token",
+                                                      "peak_flops", "peak_flops_dtype")}
+    result["mfu_percent"] = mfu_percent(result, answer)
     result.update(ok=True, stage=None, error=None)
     return result
+
+
+def mfu_percent(result: dict, answer: dict) -> float | None:
+    """MFU from trusted figures only: the model's training FLOPs per token (3 x the forward the evaluator counted in
+    the handed-over graph: forward and backward) x the tokens the feeder served on its clock, over the feeder's
+    training seconds and the device's peak as the harness measures or looks it up. None where a figure is missing."""
+    figures = (answer.get("forward_flops_per_token"), answer.get("peak_flops"), result.get("training_tokens"),
+               result.get("training_seconds"))
+    if not all(isinstance(f, (int, float)) and f > 0 for f in figures):
+        return None
+    flops, peak, tokens, seconds = figures
+    return round(100 * 3 * flops * tokens / seconds / peak, 2)
 
 
 class Evaluator:

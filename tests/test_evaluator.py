@@ -243,6 +243,11 @@ def test_honest_model_scores_what_evaluate_bpb_scores_in_process(honest, models)
     assert answer["probe_rows"] >= 127 and answer["probe_max_diff"] == 0.0
     assert answer["compiled"] is False and answer["precision"] == "float32"  # a small evaluation stays eager
     assert answer["peak_memory_mb"] > 0 and answer["eval_seconds"] >= 0
+    # for the trusted MFU: the graph's forward FLOPs per token (Tiny: its three linear layers, causal attention) and
+    # the device's peak as the harness measures it
+    C = 32
+    assert answer["forward_flops_per_token"] == 2 * (C * 3 * C + 3 * C * C + C * 8192) + 4 * C * 128
+    assert answer["peak_flops"] > 0 and answer["peak_flops_dtype"] in ("bf16", "fp32")
     assert "phase: evaluating" in proc.stderr and "eval: 128/128 rows" in proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # the pipe carries the result and nothing else
 
@@ -370,7 +375,7 @@ def test_a_request_without_pins_is_refused(harness):
 # train.py's default GPT for a profile, handed over and read back: the graph computes what the model computes.
 DEFAULT_MODEL = r'''
 import json, sys, torch
-import prepare, train, handover, runtime
+import prepare, train, handover, runtime, evaluator
 runtime.use_attention_backend(sys.argv[3])  # flex: the graph must hold SDPA (flex's BlockMask does not serialize)
 config = train.build_config(train.DEPTH, prepare.VOCAB_SIZE, prepare.MAX_SEQ_LEN)
 torch.manual_seed(0)
@@ -383,11 +388,14 @@ with torch.no_grad():  # init leaves the blocks as identities: give them weights
 shape = handover.eval_batch_shape(prepare.PROFILE.name, prepare.MAX_SEQ_LEN)
 handover.export_model(model, sys.argv[1], shape, prepare.VOCAB_SIZE)
 runtime.build_attention_masks(prepare.MAX_SEQ_LEN, model.windows, "cpu")
-graph = handover.load_program(sys.argv[1]).module()
+program = handover.load_program(sys.argv[1])
+graph = program.module()
 x = torch.randint(0, prepare.VOCAB_SIZE, shape)
+counted = evaluator.forward_flops(program, graph, *shape, torch.device("cpu")) / (shape[0] * shape[1])
 with torch.no_grad():
     print(json.dumps({"max_diff": (graph(x) - model(x)).abs().max().item(), "shape": list(shape),
-                      "backend": runtime.attention_backend()}))
+                      "backend": runtime.attention_backend(), "training_flops_counted": 3 * counted,
+                      "training_flops_estimated": model.estimate_flops()}))
 '''
 
 
@@ -402,3 +410,6 @@ def test_train_py_default_model_hands_over(cache, profile, dtype, backend, tmp_p
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
     assert answer["max_diff"] <= (1e-4 if backend == "flex" else 0.0)  # flex vs SDPA kernels: rounding only
     assert answer["backend"] == backend  # the hand-over gives the training backend back
+    # the trusted MFU's numerator, counted in the graph (its matmuls, attention over each layer's window), is
+    # train.py's own estimate of its training FLOPs per token (which counts a window of w as w keys, not w + 1)
+    assert answer["training_flops_counted"] == pytest.approx(answer["training_flops_estimated"], rel=1e-3)

@@ -107,6 +107,7 @@ def summary(val_bpb):
     print(f"val_bpb:          {{val_bpb:.6f}}")
     print("training_seconds: 5.0")
     print("peak_vram_mb:     123.4")
+    print("mfu_percent:      77.00")
     print("num_steps:        3")
     print("device:           cpu")
 
@@ -225,16 +226,18 @@ def test_a_successful_run_takes_val_bpb_from_the_evaluator_and_the_clock_from_th
     for step in range(3):
         progress(step)
         time.sleep(0.2)  # long enough for the pipeline to read the trainer's memory from outside
-    result(val_bpb=0.987654)
+    result(val_bpb=0.987654, forward_flops_per_token=1e6, peak_flops=1e9)  # what the evaluator counts and measures
     summary(0.5)  # the printed number is not the metric
     """
     record = run(mgr, source)
     assert record["status"] == "succeeded"
     assert record["val_bpb"] == 0.987654
     metrics = record["metrics"]
-    # the printed summary says 5.0 s and 123.4 MB: the official figures replace them
+    # the printed summary says 5.0 s, 123.4 MB and 77% MFU: the official figures replace them
     assert metrics["training_seconds"] == FEEDER_SECONDS and metrics["training_tokens"] == FEEDER_TOKENS
     assert metrics["peak_memory_source"] == "rss" and metrics["peak_vram_mb"] != 123.4
+    # MFU: 3 x the graph's forward FLOPs per token x the feeder's tokens, over its seconds and the measured peak
+    assert metrics["mfu_percent"] == round(100 * 3 * 1e6 * FEEDER_TOKENS / FEEDER_SECONDS / 1e9, 2) != 77.0
     assert metrics["rows_evaluated"] == ROWS and metrics["num_steps"] == 3 and metrics["device"] == "cpu"
     assert record["official"]["val_bpb"] == 0.987654 and record["official"]["trainer_returncode"] == 0
     assert record["isolation"] == "none" and "unsandboxed" in record["isolation_reason"]

@@ -15,7 +15,8 @@ token_bytes, the val split) is copied into a private folder while its sha256 is 
 What it does not trust: the handed-over file. Its graph must pass handover.check_program (pure tensor ops from an
 allow-list, no state changes, static shapes, nothing run on load); the evaluator computes the cross-entropy from
 the logits itself in fp32, fails on non-finite logits, and checks causality on probe batches the graph cannot
-tell apart from scored ones.
+tell apart from scored ones. For the run's MFU it also counts the graph's FLOPs per token (from shapes alone) and
+gives the device's peak as the harness measures or looks it up.
 
     python -I <harness>/evaluator.py --pins --profile P --dataset D [--cache C]
 prints the pins of the harness beside this file and of a prepared dataset, for the server to record once.
@@ -230,6 +231,40 @@ def probe_diff(scored, probed, cuts):
     return worst
 
 
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+
+def forward_flops(ep, module, batch, seq_len, device):
+    """FLOPs of one forward call of the graph over a (batch, seq_len) batch, from shapes alone (nothing is computed):
+    torch's FlopCounterMode on fake tensors counts the matrix multiplies; attention is counted here, per
+    scaled_dot_product_attention call, as 4 x batch x heads x queries x head dim x the keys a query may see (the
+    widest row of a constant mask; every key when causal, unmasked or masked in-graph): train.py's and upstream's
+    convention, so the trusted MFU and train.py's agree on the default model."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, FlopCounterMode(display=False) as counter:
+        module(mode.from_tensor(torch.zeros(batch, seq_len, dtype=torch.long, device=device)))
+    flops = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                if not any(a in str(op) for a in ATTENTION_OPS))
+    signature = ep.graph_signature
+    lifted = {**signature.inputs_to_lifted_tensor_constants, **signature.inputs_to_buffers}
+    constants = {**ep.state_dict, **ep.constants}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or "scaled_dot_product_attention" not in str(node.target):
+            continue
+        q, k = (a.meta["val"] for a in node.args[:2])
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        keys = k.shape[-2]
+        value = constants.get(lifted.get(getattr(mask, "name", None)))
+        if torch.is_tensor(value) and value.dim() >= 2:
+            allowed = value if value.dtype == torch.bool else value > float("-inf")
+            keys = int(allowed.reshape(-1, allowed.shape[-1]).sum(-1).max())
+        flops += 4 * q.shape[:-2].numel() * q.shape[-2] * q.shape[-1] * keys
+    return int(flops)
+
+
 def default_autocast(device, compiled):
     """bf16 on CUDA; on a CPU, bf16 for a compiled evaluation where the CPU computes it natively; else fp32."""
     import torch
@@ -311,6 +346,7 @@ def evaluate(request):
                             f"handover.export_model, which uses this profile's shape")
         B = int(meta.shape[0])
         module = ep.module()
+        flops_per_token = forward_flops(ep, module, B, T, device) / (B * T)
         if compiled:
             module = compile_module(module, Path(request.get("compile_cache") or private / "inductor"), private)
         load_seconds = time.time() - t0
@@ -374,6 +410,8 @@ def evaluate(request):
             if done % report_every == 0 or done == n_batches:
                 log(f"eval: {min(done * B, rows)}/{rows} rows")
         eval_seconds = time.time() - t0
+        import runtime
+        peak = runtime.choose_precision(device.type)  # the harness's own choice: train.py's MFU denominator
         if device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         else:
@@ -386,6 +424,7 @@ def evaluate(request):
                 "load_seconds": round(load_seconds, 3), "startup_seconds": round(t_ready - T_START, 3),
                 "peak_memory_mb": round(peak_mb, 1), "batch_rows": B, "precision": precision, "compiled": bool(compiled),
                 "probe_rows": probe_rows, "probe_max_diff": worst, "graph_sha256": graph_sha,
+                "forward_flops_per_token": flops_per_token, "peak_flops": peak.peak_flops, "peak_flops_dtype": peak.name,
                 "val_fingerprint": request["pins"]["data"]["val.bin"]}
     finally:
         shutil.rmtree(private, ignore_errors=True)
