@@ -1,13 +1,16 @@
-"""Helpers the tests share: a git query, a workspace of stand-in harness files, a tool call that must succeed, the
-ledger read independently, whether a device's machine-wide lock is free, and waiting for a server process to
-listen."""
+"""Helpers the tests share: a git query, a workspace of stand-in harness files, the server as a stdio subprocess, a
+tool call that must succeed, the ledger read independently, whether a device's machine-wide lock is free, and
+waiting for a server process to listen."""
 
 import fcntl
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
+
+from mcp import StdioServerParameters
 
 from server.executor import lock_path
 
@@ -28,6 +31,16 @@ def stand_in_workspace(ws, training: dict[str, str], gitignore: str):
     git(ws, "add", "-A")
     git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
     return ws
+
+
+def serve_params(workspace, cache, budget, *flags, env=None) -> StdioServerParameters:
+    """`autoresearch-mcp serve` as a stdio subprocess on the smoke profile and sotu, with `flags` added (for
+    `Client(...)` or `stdio_client(...)`); its environment is `env`, else this process's."""
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
+              "--cache", str(cache), "--time-budget", str(budget), *flags],
+        env=dict(os.environ) if env is None else env)
 
 
 async def call(client, name, **arguments) -> dict:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 
-from support import call, wait_for_port
+from support import call, serve_params, wait_for_port
 
 TOKEN = "dashboard-test-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -96,11 +96,7 @@ def test_dashboard_in_a_browser(workspace, prepared_cache, dashboard, tmp_path):
     empty = browser(tmp_path, page, "--dump-dom")
     assert "no research session yet" in empty and "No runs yet." in empty
 
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
-              "--cache", str(prepared_cache), "--time-budget", "1"],
-        env={**os.environ})
+    params = serve_params(workspace, prepared_cache, 1)
     train = workspace / "training" / "train.py"
     seen = {}
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import anyio
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
-from mcp import Client, ClientSession, StdioServerParameters, stdio_client
+from mcp import Client, ClientSession, stdio_client
 
 from server import workspace as ws_module
 from server.app import create_server
 from server.cli import create_workspace
 from server.layout import LOCK_DIR_ENV
 from server.research import Settings
-from support import call, device_lock_is_free, git, ledger_runs
+from support import call, device_lock_is_free, git, ledger_runs, serve_params
 
 BUDGET = 2.0
 
@@ -397,6 +397,11 @@ def test_cancel_run_stops_a_run_mid_flight(settings, workspace, tally):
         started = await run(client, tally, workspace, "forever", forever(), max_wait_seconds=0.1)
         assert started["status"] == "running"
         wait_ready(workspace, started["run_id"])
+        # no decision on a run still training: discard is refused (cancel it first), keep too; nothing recorded
+        said = await refused(client, tally, "discard", run_id=started["run_id"])
+        assert "still training" in said and f"cancel_run({started['run_id']!r})" in said
+        assert "only a succeeded run can be kept" in await refused(client, tally, "keep", run_id=started["run_id"])
+        assert ledger_runs(workspace)[started["run_id"]].get("decision") is None
         cancelled = tally.run(workspace, await call(client, "cancel_run", run_id=started["run_id"]))
         assert cancelled["status"] == "cancelled" and cancelled["val_bpb"] is None
         assert run_processes_alive(workspace) == []
@@ -440,12 +445,7 @@ def test_a_client_that_disconnects_mid_run_leaves_nothing_running(settings, work
 
 
 def test_a_server_killed_mid_run_is_cleaned_up_by_the_next_one(settings, workspace, prepared_cache, tally, tmp_path):
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
-              "--cache", str(prepared_cache), "--time-budget", str(BUDGET)],
-        env=server_env(tmp_path),
-    )
+    params = serve_params(workspace, prepared_cache, BUDGET, env=server_env(tmp_path))
     started = {}
 
     async def first_server():
@@ -835,12 +835,7 @@ KILL_DELAYS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.5)  # seconds after run_exp
 
 def test_kill_9_at_any_instant_of_a_start_leaves_ledger_git_and_device_lock_in_agreement(
         settings, workspace, prepared_cache, tally, tmp_path):
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke", "--dataset", "sotu",
-              "--cache", str(prepared_cache), "--time-budget", str(BUDGET)],
-        env=server_env(tmp_path),
-    )
+    params = serve_params(workspace, prepared_cache, BUDGET, env=server_env(tmp_path))
 
     for attempt, delay in enumerate(KILL_DELAYS):
         async def one_try():

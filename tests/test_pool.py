@@ -403,21 +403,19 @@ def wait_until(predicate, timeout=60.0):
 # ---------------------------------------------------------------- the issue's test: two candidates at once
 
 
-def parallel_loop(settings, workspace) -> None:
-    """Through the tools on a cpu:2 pool: two candidates launched with max_wait_seconds=0 train at once (two runs
-    in flight in status, each on its own slot), one is kept and the other rebased onto it. Real smoke runs."""
-    import anyio
+def parallel_loop(workspace, cache, *flags) -> dict:
+    """Through the tools of `serve --devices cpu:2 <flags>` (a stdio subprocess, as a client starts it): two
+    candidates launched with max_wait_seconds=0 train at once (two runs in flight in status, each on its own slot),
+    one is kept and the other rebased onto it. Real smoke runs. Returns the ledger's succeeded runs by id."""
     from mcp import Client
 
-    from server.app import create_server
     from server.gitops import TRAIN
-    from support import call, git
+    from support import call, git, ledger_runs, serve_params
 
-    server = create_server(settings)
     train = workspace / TRAIN
 
     async def main():
-        async with Client(server) as client:
+        async with Client(serve_params(workspace, cache, 2.0, "--devices", "cpu:2", *flags)) as client:
             await call(client, "start_session", tag="pool")
             source = train.read_text()
             lines = [line for line in source.splitlines() if line.strip() and source.count(line) == 1]
@@ -451,14 +449,9 @@ def parallel_loop(settings, workspace) -> None:
             assert runs[a["run_id"]]["device"] in ("cpu:0", "cpu:1")
 
     anyio.run(main)
-    return server
+    return {i: r for i, r in ledger_runs(workspace).items() if r.get("status") == "succeeded"}
 
 
 def test_two_candidates_train_at_once_on_cpu_2_then_one_is_kept_and_the_other_rebased(workspace, prepared_cache):
-    from server.research import Settings
-
-    settings = Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
-                        budget_seconds=2.0, devices="cpu:2")
-    server = parallel_loop(settings, workspace)
-    records = [r for r in server.research.ledger.runs() if r.get("status") == "succeeded"]
+    records = parallel_loop(workspace, prepared_cache).values()
     assert {r["executor"] for r in records} == {"local"} and all(r["node"] for r in records)

@@ -2,12 +2,11 @@
 after every step, as an agent left alone overnight would leave them."""
 
 import os
-import sys
 
 import anyio
-from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp import ClientSession, stdio_client
 
-from support import git, ledger_runs
+from support import git, ledger_runs, serve_params
 
 
 def tsv_rows(workspace) -> list[list[str]]:
@@ -17,13 +16,9 @@ def tsv_rows(workspace) -> list[list[str]]:
 
 
 def test_full_loop_over_stdio(workspace, prepared_cache, tmp_path):
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "server.cli", "serve", "--workspace", str(workspace), "--profile", "smoke",
-              "--dataset", "sotu", "--cache", str(prepared_cache), "--time-budget", "2"],
-        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)),
-             "AUTORESEARCH_LOCK_DIR": os.environ["AUTORESEARCH_LOCK_DIR"]},  # the tests' own device locks
-    )
+    params = serve_params(workspace, prepared_cache, 2, env={
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)),
+        "AUTORESEARCH_LOCK_DIR": os.environ["AUTORESEARCH_LOCK_DIR"]})  # the tests' own device locks
     train = workspace / "training" / "train.py"
 
     async def call(session, name, **arguments):
