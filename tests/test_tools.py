@@ -6,6 +6,7 @@ import anyio
 import pytest
 from mcp import Client
 
+from server import sandbox
 from server.app import create_server
 from server.research import Settings
 from support import call, git
@@ -66,6 +67,8 @@ async def test_status_before_any_session(client, workspace):
     assert status["profile"]["name"] == "smoke"
     assert status["budget_seconds"] == BUDGET
     assert status["train_py_modified"] is False
+    # the isolation in force for the next run, and why: the sandbox wherever it works (serve --isolation auto)
+    assert status["isolation"] == ("sandbox" if sandbox.probe()[0] else "none") and status["isolation_reason"]
     assert "start_session" in await refused(client, "results")
 
 
