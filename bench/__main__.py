@@ -58,14 +58,17 @@ def mfu_rows(opts, shared) -> list[Row]:
                 f"{f['achieved'] / 1e9:.0f} GFLOP/s achieved, {f['tokens_per_second']:,.0f} tok/s, "
                 f"{f['ms_per_step']:.0f} ms/step (target >= 50%); fp32 peak {f['peak_fp32'] / 1e9:.0f} GFLOP/s")]
     loop = shared.get("loop")
-    real = [r["summary"] for r in (loop.runs if loop else []) if isinstance(r["summary"].get("mfu_percent"), float)]
-    if real and loop.profile == "cpu":
-        mfu = statistics.fmean(s["mfu_percent"] for s in real)
-        peaks = [r["peak"] for r in loop.runs if r.get("peak")]
-        peak = f"{statistics.fmean(peaks) / 1e9:.0f} GFLOP/s" if peaks else "?"
-        rows.append(Row("mfu", f"mfu_percent of the overhead section's real cpu runs (compiled, mean of {len(real)})",
-                        f"{mfu:.1f}%", "the matmul peak train.py measures at its start", peak,
-                        "over the timed steps, as train.py's summary prints it"))
+    if loop and loop.profile == "cpu":  # the real compiled runs of the overhead section, both ways of measuring
+        for mode, what, peak in (
+                ("server", "trusted mfu_percent of the overhead section's server runs", "the feeder's clock and "
+                 "tokens, FLOPs counted in the handed-over graph, the evaluator's peak"),
+                ("direct", "train.py's own mfu_percent of the overhead section's direct runs",
+                 "its own step timing and FLOPs estimate, the matmul peak it measures at its start")):
+            real = [r["summary"]["mfu_percent"] for r in loop.runs
+                    if r["mode"] == mode and isinstance(r["summary"].get("mfu_percent"), float)]
+            if real:
+                rows.append(Row("mfu", f"{what} (compiled, mean of {len(real)})", f"{statistics.fmean(real):.1f}%",
+                                "measured from", peak, ""))
     return rows
 
 

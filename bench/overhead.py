@@ -21,6 +21,7 @@ from mcp import Client
 
 from bench.common import DATASET, Row, call, fmt_s, log, new_workspace
 from server.app import create_server
+from server.ledger import Ledger
 from server.research import DEFAULT_SEED, Settings
 from server.workspace import training_env
 
@@ -97,9 +98,16 @@ class Loop:
         await call(client, "discard" if self.kept else "keep", run_id=run["run_id"])
         self.kept = True
         # the trusted evaluator's own scoring time (the official result; no result file in the run dir is read)
+        record = Ledger(self.workspace).run(run["run_id"])
         return {"mode": "server", "seconds": seconds, "val_bpb": run["val_bpb"],
                 "eval_seconds": (run.get("metrics") or {}).get("eval_seconds"), "summary": run.get("metrics") or {},
-                "peak": peak_flops(text)}
+                "peak": peak_flops(text), "phases": record.get("phase_seconds") or {},
+                "evaluator": (record.get("official") or {}).get("evaluator") or {}}
+
+
+def mean_of(runs: list[dict], figure) -> float:
+    values = [v for v in (figure(r) for r in runs) if isinstance(v, (int, float))]
+    return statistics.fmean(values) if values else float("nan")
 
 
 def run(opts, shared: dict) -> list[Row]:
@@ -138,4 +146,29 @@ def run(opts, shared: dict) -> list[Row]:
         Row("overhead", "difference, server - direct", f"{s - d:+.2f} s", "target", "a second or two",
             f"per run: train.py's own total_seconds mean "
             f"{statistics.fmean(r['summary'].get('total_seconds', float('nan')) for r in loop.runs):.1f} s"),
+        *evaluator_rows(loop.runs),
+    ]
+
+
+def evaluator_rows(runs: list[dict]) -> list[Row]:
+    """What the trusted pipeline spends where the direct run evaluates in process: the hand-over export, the
+    evaluator's start-up (its imports, pins and data copy, mostly overlapping the export) and its graph load, and
+    its scoring against the direct run's in-process evaluate_bpb."""
+    server = [r for r in runs if r["mode"] == "server"]
+    direct = [r for r in runs if r["mode"] == "direct"]
+
+    def evaluator(key: str) -> float:
+        return mean_of(server, lambda r: r["evaluator"].get(key))
+
+    return [
+        Row("overhead", "of which the hand-over export (phase: exporting, server runs' mean)",
+            fmt_s(mean_of(server, lambda r: r["phases"].get("exporting"))), "", "",
+            "train.py exports its model for the evaluator; the direct run does not"),
+        Row("overhead", "of which the evaluator's start-up + graph load (server runs' mean)",
+            fmt_s(evaluator("startup_seconds") + evaluator("load_seconds")), "", "",
+            f"imports, pins and data copy {evaluator('startup_seconds'):.1f} s (started early: overlaps the export), "
+            f"graph load {evaluator('load_seconds'):.1f} s"),
+        Row("overhead", "trusted evaluation, scoring (server runs' mean)", fmt_s(evaluator("eval_seconds")),
+            "evaluate_bpb in process (direct runs' mean)", fmt_s(mean_of(direct, lambda r: r["eval_seconds"])),
+            "the evaluator adds causality probe rows and scores in its own process"),
     ]
