@@ -239,13 +239,18 @@ def forward_flops(ep, module, batch, seq_len, device):
     torch's FlopCounterMode on fake tensors counts the matrix multiplies; attention is counted here, per
     scaled_dot_product_attention call, as 4 x batch x heads x queries x head dim x the keys a query may see (the
     widest row of a constant mask; every key when causal, unmasked or masked in-graph): train.py's and upstream's
-    convention, so the trusted MFU and train.py's agree on the default model."""
+    convention, so the trusted MFU and train.py's agree on the default model. None where the graph cannot run on
+    fake tensors (a custom kernel without a fake implementation): the run then has no MFU, and is scored as ever."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, FlopCounterMode(display=False) as counter:
-        module(mode.from_tensor(torch.zeros(batch, seq_len, dtype=torch.long, device=device)))
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, FlopCounterMode(display=False) as counter:
+            module(mode.from_tensor(torch.zeros(batch, seq_len, dtype=torch.long, device=device)))
+    except Exception as e:  # noqa: BLE001 - an uncountable graph costs its MFU figure, never its score
+        log(f"MFU: the graph's FLOPs cannot be counted ({type(e).__name__}); the run reports no MFU")
+        return None
     flops = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
                 if not any(a in str(op) for a in ATTENTION_OPS))
     signature = ep.graph_signature
@@ -309,9 +314,6 @@ def evaluate(request):
     private = Path(tempfile.mkdtemp(prefix="autoresearch-eval-"))
     try:
         tokenizer = private_copy(prepare, request, private / "cache")
-        if request.get("wait"):  # started early (while train.py exports): everything before the graph is done
-            if sys.stdin.readline().strip() != "go":
-                raise EvalError("the run ended without handing a model over (the evaluator was told to stop)")
         device = torch.device(request.get("device") or prepare.detect_device())
         compiled = request.get("compile")
         if compiled is None:  # by the evaluation's size: the rows every run scores, times their length
@@ -324,6 +326,12 @@ def evaluate(request):
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         T, V = prepare.MAX_SEQ_LEN, tokenizer.vocab_size
+        if compiled:  # torch.compile's own imports (seconds), paid while train.py still exports
+            import torch._dynamo  # noqa: F401
+            import torch._inductor.compile_fx  # noqa: F401
+        if request.get("wait"):  # started early (while train.py exports): everything before the graph is done
+            if sys.stdin.readline().strip() != "go":
+                raise EvalError("the run ended without handing a model over (the evaluator was told to stop)")
 
         t0 = time.time()
         graph_path = Path(request["graph"])
@@ -345,10 +353,12 @@ def evaluate(request):
             raise EvalError(f"the graph takes {got}, not int64 token ids of shape (batch, {T}): export it with "
                             f"handover.export_model, which uses this profile's shape")
         B = int(meta.shape[0])
-        module = ep.module()
-        flops_per_token = forward_flops(ep, module, B, T, device) / (B * T)
+        eager = ep.module()
+        flops = forward_flops(ep, eager, B, T, device)
+        flops_per_token = flops / (B * T) if flops else None
+        module = eager
         if compiled:
-            module = compile_module(module, Path(request.get("compile_cache") or private / "inductor"), private)
+            module = compile_module(eager, Path(request.get("compile_cache") or private / "inductor"), private)
         load_seconds = time.time() - t0
 
         rows, packed = val_rows(prepare, tokenizer, B, T)
@@ -365,6 +375,15 @@ def evaluate(request):
             return torch.logsumexp(f, -1) - f.gather(-1, y[..., None]).squeeze(-1), f.amin(), f.amax()
 
         score = torch.compile(nll_and_range, dynamic=False) if compiled else nll_and_range
+        # A batch no probe is compared with needs no logits kept: compiled with our scoring as one program, the graph's
+        # logits never reach memory in full (a fifth faster a batch on a 2-core CPU). It is the same graph on the same
+        # rows, and a pure graph cannot tell which way it is called; every batch a probe is compared with is scored
+        # with its logits kept, as are the probes.
+        graph_and_score = torch.compile(lambda x, y: nll_and_range(eager(x), y), dynamic=False) if compiled else None
+
+        def finite(lowest, highest):
+            if not (torch.isfinite(lowest) and torch.isfinite(highest)):
+                raise EvalError("the model produced non-finite logits (NaN or inf); val_bpb is not defined")
 
         def run(x, y):
             """(the graph's logits for x, the cross-entropy of each position against y)."""
@@ -375,9 +394,18 @@ def evaluate(request):
                 raise EvalError(f"the graph returned {shape}, not logits ({B}, {T}, {V})")
             with torch.no_grad():
                 nll, lowest, highest = score(logits, y)
-            if not (torch.isfinite(lowest) and torch.isfinite(highest)):
-                raise EvalError("the model produced non-finite logits (NaN or inf); val_bpb is not defined")
+            finite(lowest, highest)
             return logits, nll
+
+        def run_scored_only(x, y):
+            """The cross-entropy of each position of x against y, the logits not kept (the output's shape was checked
+            on the probed batches, which come first)."""
+            if graph_and_score is None:
+                return run(x, y)[1]
+            with torch.no_grad(), (ctx or torch.no_grad()):
+                nll, lowest, highest = graph_and_score(x, y)
+            finite(lowest, highest)
+            return nll
 
         log("phase: evaluating")
         report_every = max(1, n_batches // prepare.EVAL_PROGRESS_LINES)
@@ -389,7 +417,10 @@ def evaluate(request):
         for done, b in enumerate(order, 1):
             batch = torch.from_numpy(packed[b * B:(b + 1) * B]).to(device)
             x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # one layout every call: one compiled graph
-            logits, loss = run(x, y)
+            if b in plan:
+                logits, loss = run(x, y)
+            else:
+                loss = run_scored_only(x, y)
             nbytes = token_bytes[y]
             mask = nbytes > 0
             mask[rows - b * B:] = False  # padding rows: computed, never counted
