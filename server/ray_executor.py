@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,8 @@ PLACE_TIMEOUT = 600.0  # how long a run may wait for the cluster to have its res
 HEAD_START_TIMEOUT = 120.0  # `ray start --head` on a busy laptop
 HEAD_GRACE = 3.0  # seconds the local head's processes get after SIGTERM
 LEASE_SECONDS = 15.0  # a node run nobody has polled for this long is taken down by its actor (driver gone)
+NODE_DIR_PREFIX = "autoresearch-node-run-"  # a run's folder in a node's temp folder, removed by its guard
+ACTOR_LINGER_SECONDS = 3600.0  # the guard waits this long at most for the actor to go before removing the folder
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # how a client proves itself to a cluster
 CHECKED_DIR = Path(tempfile.gettempdir()) / f"autoresearch-ray-{os.getuid()}" / "checked"  # per node, per data
 
@@ -250,7 +253,7 @@ class NodeRunBase:
         cache = os.environ.get("AUTORESEARCH_CACHE") or spec.get("cache")  # a node may keep its data elsewhere
         root = node_harness(spec)
         check_node(spec, root, cache)
-        self.base = Path(tempfile.mkdtemp(prefix=f"autoresearch-{spec['run_id']}-"))
+        self.base = Path(tempfile.mkdtemp(prefix=f"{NODE_DIR_PREFIX}{spec['run_id']}-"))
         run_dir = self.base / "run"
         run_dir.mkdir()
         (run_dir / layout.RUN_TRAIN_NAME).write_text(train_py, encoding="utf-8")
@@ -268,7 +271,7 @@ class NodeRunBase:
         self.marker = (layout.RESULT_ENV, mine["env"][layout.RESULT_ENV])  # every process of the run carries it
         me = os.getpid()
         subprocess.Popen([sys.executable, "-I", "-m", "server.ray_executor", "guard", str(me),
-                          str(processes.create_time(me)), str(self.proc.pid), self.marker[1]],
+                          str(processes.create_time(me)), str(self.proc.pid), self.marker[1], str(self.base)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True).wait()  # it forks away at once: not our child any more
         self.polled = time.monotonic()
@@ -315,14 +318,17 @@ class NodeRunBase:
 
 
 def guard_run(argv: list[str]) -> None:
-    """`python -m server.ray_executor guard ACTOR_PID ACTOR_CREATE_TIME LAUNCHER_PID MARKER`, detached (it forks
-    away from the actor, so Ray's kill of the actor's children spares it): when the actor or the node's launcher is
-    gone, it takes what is left of the run down, as the launcher would have had it survived. The run's processes
-    are found by the run's environment marker too: Ray SIGKILLs the launcher with its actor, and a trainer the
-    launcher spawned since the last look is by then an orphan in a session of its own."""
+    """`python -m server.ray_executor guard ACTOR_PID ACTOR_CREATE_TIME LAUNCHER_PID MARKER BASE`, detached (it
+    forks away from the actor, so Ray's kill of the actor's children spares it): when the actor or the node's
+    launcher is gone, it takes what is left of the run down, as the launcher would have had it survived. The run's
+    processes are found by the run's environment marker too: Ray SIGKILLs the launcher with its actor, and a
+    trainer the launcher spawned since the last look is by then an orphan in a session of its own. Once the actor is
+    gone as well (the driver has read the log and the result), the run's folder on the node goes: its train.py, log
+    and hand-over (206 MB on the gpu profile) would otherwise pile up in the node's temp folder, run after run."""
     if os.fork():
         os._exit(0)
     actor, started, launcher, marker = int(argv[0]), float(argv[1]), int(argv[2]), argv[3]
+    base = Path(argv[4]) if len(argv) > 4 else None
     tracked: processes.Procs = {launcher: processes.create_time(launcher) or 0.0}
     while processes.is_alive(actor, started) and processes.is_alive(launcher, tracked[launcher]):
         tracked.update(processes.run_processes(launcher, tracked))
@@ -332,6 +338,11 @@ def guard_run(argv: list[str]) -> None:
     # against their start times, so nothing else is touched.
     tracked.update(processes.run_processes(launcher, tracked, (layout.RESULT_ENV, marker)))
     processes.kill_processes(launcher, tracked, HEAD_GRACE)
+    deadline = time.monotonic() + ACTOR_LINGER_SECONDS
+    while processes.is_alive(actor, started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if base is not None and base.name.startswith(NODE_DIR_PREFIX):
+        shutil.rmtree(base, ignore_errors=True)
 
 
 _node_run = None
@@ -521,7 +532,7 @@ def main(argv: list[str]) -> None:
         ray_executor.guard_run(argv[1:])
     else:
         sys.exit("usage: python -m server.ray_executor head SERVER_PID -- CMD... | "
-                 "guard ACTOR_PID TIME LAUNCHER_PID MARKER")
+                 "guard ACTOR_PID TIME LAUNCHER_PID MARKER BASE")
 
 
 if __name__ == "__main__":

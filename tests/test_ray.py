@@ -9,7 +9,9 @@ Fake train.py files (plain Python, no torch) keep it cheap; one Ray instance ser
 import os
 import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import anyio
 import psutil
@@ -47,14 +49,20 @@ def node_processes(marker: str) -> list[psutil.Process]:
 
 def trainers(run_id: str) -> list[psutil.Process]:
     """The run's train.py process on the node (its node-side launcher names train.py too)."""
-    return [p for p in node_processes(f"autoresearch-{run_id}-")
+    return [p for p in node_processes(f"{ray_executor.NODE_DIR_PREFIX}{run_id}-")
             if p.info["cmdline"][-1].endswith("train.py") and "server.launcher" not in p.info["cmdline"]]
 
 
+def node_dirs(run_id: str) -> list[Path]:
+    """The run's folder on the node (its train.py, log and hand-over), in the node's temp folder."""
+    return list(Path(tempfile.gettempdir()).glob(f"{ray_executor.NODE_DIR_PREFIX}{run_id}-*"))
+
+
 def test_a_run_trains_on_a_ray_node_and_records_executor_node_and_device(fake_ws, cache, executor):
-    mgr = start(fake_ws, cache, executor, SUCCEED)
-    record = anyio.run(mgr.wait, "r0001", 120, None)
-    log = (fake_ws / ".autoresearch" / "runs" / "r0001" / "log.txt").read_text()
+    # run ids unique to each test, and never a real session's (r0001, ...): the node's processes are found by name
+    mgr = start(fake_ws, cache, executor, SUCCEED, run_id="r9001")
+    record = anyio.run(mgr.wait, "r9001", 120, None)
+    log = (fake_ws / ".autoresearch" / "runs" / "r9001" / "log.txt").read_text()
     assert record["status"] == "succeeded", log
     assert record["val_bpb"] == 0.987
     assert f"running on Ray node {socket.gethostname()}" in log
@@ -62,10 +70,10 @@ def test_a_run_trains_on_a_ray_node_and_records_executor_node_and_device(fake_ws
     assert (record["executor"], record["node"]) == ("ray", socket.gethostname())
     assert record["device"] in ("cpu:0", "cpu:1")  # the slot it was placed on (a GPU node names its GPU)
     assert record["official"]["node"] == socket.gethostname()
+    wait_until(lambda: not node_dirs("r9001"))  # the node keeps nothing of a finished run
 
 
 def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(fake_ws, cache, executor):
-    # run ids unique to each test, and never a real session's (r0001, ...): the node's processes are found by name
     mgr = start(fake_ws, cache, executor, HANGS, run_id="r9002")
     handle = mgr.get("r9002")
     wait_until(lambda: "phase: training" in handle.log_path.read_text())
@@ -79,6 +87,7 @@ def test_killing_the_ray_worker_mid_run_records_interrupted_naming_the_node(fake
     assert socket.gethostname() in record["error"] and "Ray worker" in record["error"]
     assert record["node"] == socket.gethostname() and record["executor"] == "ray"
     wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=60)
+    wait_until(lambda: not node_dirs("r9002"), timeout=60)
 
 
 def test_cancel_kills_the_run_on_its_node(fake_ws, cache, executor):
@@ -89,6 +98,7 @@ def test_cancel_kills_the_run_on_its_node(fake_ws, cache, executor):
     record = mgr.cancel("r9003")
     assert record["status"] == "cancelled"
     wait_until(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, timeout=60)
+    wait_until(lambda: not node_dirs("r9003"), timeout=60)
 
 
 def test_a_node_with_other_data_refuses_naming_the_prepare_command(fake_ws, cache, executor):
