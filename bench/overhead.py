@@ -2,8 +2,8 @@
 against running `python training/train.py` directly with the same profile, dataset, budget, seed and the very
 environment the server builds (server.harness.training_env), in the same fresh workspace.
 
-Order: one untimed warm-up run (torch.compile's on-disk cache, the page cache), then direct, server, server,
-direct (ABBA, so a linear drift of the machine cancels out of the means). Everything the server adds shows up in
+Order: untimed warm-up runs, one each way (torch.compile's on-disk caches, the evaluator's compiled kernels, the
+page cache), then direct, server, server, direct (ABBA, so a linear drift of the machine cancels out of the means). Everything the server adds shows up in
 the difference: git checks and commit, pre-flight, the ledger, process bookkeeping and the monitor's polling, and
 the trusted pipeline (server/pipeline.py): the feeder beside the trainer, the sandbox, the hand-over export and
 the evaluator's own process (its start-up and probe rows) where the direct run evaluates in process.
@@ -120,8 +120,12 @@ def run(opts, shared: dict) -> list[Row]:
     async def main():
         async with Client(loop.server()) as client:
             await call(client, "start_session", tag="bench")
-            log(f"overhead: warm-up run ({opts.loop_profile}, {WARMUP_BUDGET:g} s budget, untimed)")
+            # warm both ways alike (torch.compile's caches: the direct run's in the user's temp folder, the server's
+            # in the workspace, and the evaluator's kernels), as every experiment of a night but the first finds them
+            log(f"overhead: warm-up runs ({opts.loop_profile}, direct {WARMUP_BUDGET:g} s and server "
+                f"{opts.budget:g} s budget, untimed)")
             await anyio.to_thread.run_sync(loop.direct, 0, WARMUP_BUDGET)
+            await loop.through_server(client, 0)
             for i, mode in enumerate(order, 1):
                 log(f"overhead: run {i}/{len(order)} {mode} ({opts.loop_profile}, {opts.budget:g} s budget)")
                 if mode == "direct":

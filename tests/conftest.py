@@ -50,10 +50,9 @@ pytest_plugins = ("tally",)
 # through the tools (test_candidates, test_pool), the pipeline and the sandbox (test_cheats' TINY cases,
 # test_sandbox), races and crashes (test_faults' other cases).
 SLOW = {
-    "test_demo.py": ["test_demo_runs_the_loop_end_to_end"],
+    "test_demo.py": ["test_demo_runs_the_loop_end_to_end", "test_the_readmes_demo_completes_with_one_core_kept_busy"],
     "test_stdio.py": ["test_full_loop_over_stdio"],
     "test_candidates.py": ["test_the_parallel_loop_through_the_tools"],
-    "test_noise.py": ["test_measure_noise_records_its_runs_like_any_other"],
     "test_runs.py": ["test_the_real_pipeline_scores_a_sandboxed_run_and_ignores_a_forged_result_file",
                      "test_the_real_pipeline_runs_with_isolation_none"],
     "test_dashboard.py": ["test_dashboard_in_a_browser"],

@@ -75,3 +75,19 @@ def test_a_failed_run_is_explained_before_train_py_is_blamed():
     assert lines[-1] == "  eval: 40/80 rows"
     crashed = failure_text({"run_id": "r0003", "status": "crashed", "error": "exit 1", "log_tail": None})
     assert "busy" in crashed and crashed.index("busy") < crashed.index("train.py")
+
+
+def test_the_readmes_demo_completes_with_one_core_kept_busy(tmp_path, prepared_cache):
+    """The README's own demo (cpu profile, its defaults) while another program keeps a core busy, as on a laptop
+    doing other work: it used to be killed by a single run-wide timeout blaming train.py. Long: in SLOW."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = subprocess.run([sys.executable, "-m", "server.cli", "demo", "--dir", str(tmp_path / "ws"),
+                               "--cache", str(prepared_cache)],
+                              capture_output=True, text=True, timeout=2400, env={**os.environ})
+    finally:
+        hog.kill()
+        hog.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = ledger_runs(tmp_path / "ws")
+    assert len(runs) == 2 and all(r["status"] == "succeeded" for r in runs.values()), runs

@@ -53,7 +53,9 @@ def test_results_are_judged_in_units_of_a_known_spread(server):
     anyio.run(main)
 
 
-def test_measure_noise_records_its_runs_like_any_other(server):
+def test_measure_noise_records_its_runs_like_any_other_and_runs_them_at_once_on_a_pool(workspace, prepared_cache):
+    server = create_server(Settings(workspace=workspace, profile="smoke", dataset="sotu", cache=prepared_cache,
+                                    budget_seconds=2.0, devices="cpu:2"))
     research = server.research
 
     async def main():
@@ -71,6 +73,10 @@ def test_measure_noise_records_its_runs_like_any_other(server):
             assert [r["seed"] for r in noise_runs] == [43, 44]
             assert all(r["status"] == "succeeded" and r["commit"] == baseline["commit"] for r in noise_runs)
             assert all(r["metrics"].get("seed") == r["seed"] for r in noise_runs)  # the summary prints the seed
+            # the pool had room for both: they trained at once, one on each slot
+            first, second = noise_runs
+            assert {first["device"], second["device"]} == {"cpu:0", "cpu:1"}
+            assert second["started_at"] < first["ended_at"] and first["started_at"] < second["ended_at"]
             rows = (await call(client, "results"))["rows"]
             assert [r["run_id"] for r in rows] == [r["id"] for r in runs]  # nothing hidden
             assert research.git.head() == baseline["commit"]
