@@ -16,10 +16,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from server import layout
 from server.errors import WorkspaceError
 
 TEMPLATE_FILES = ("training/prepare.py", "training/train.py", "program.md")  # at least these
-WORKSPACE_GITIGNORE = ".autoresearch/\nresults.tsv\nprogress.png\n__pycache__/\n"
+WORKSPACE_GITIGNORE = f"{layout.STATE_DIR}/\n{layout.RESULTS_NAME}\nprogress.png\n__pycache__/\n"
 # Python 3.10 has no exception groups (anyio brings a backport then); an empty tuple matches nothing
 GROUPS = getattr(__import__("builtins"), "BaseExceptionGroup", ())
 DEBUG_ENV = "AUTORESEARCH_DEBUG"

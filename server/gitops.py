@@ -17,6 +17,7 @@ from pathlib import Path
 import git as gitpython
 from git.refs import SymbolicReference
 
+from server import layout
 from server.errors import WorkspaceError
 
 TRAIN = "training/train.py"
@@ -25,7 +26,7 @@ MAX_TAG_CHARS = 64
 TAG_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_TAG_CHARS - 1}}}")
 RUN_ID_RE = re.compile(r"r[0-9]{4,}")
 FALLBACK_IDENTITY = ("autoresearch-mcp", "autoresearch@localhost")
-SERVER_STATE = (".autoresearch/", "results.tsv")  # the server's own files are never the user's dirty work
+SERVER_STATE = (f"{layout.STATE_DIR}/", layout.RESULTS_NAME)  # the server's own files are never the user's dirty work
 # Variables a git hook or wrapper may have set that would point our commands at another repository or index.
 # GitPython passes the process environment on and cannot remove a variable, so each is pinned to this workspace.
 REDIRECTING_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR", "GIT_OBJECT_DIRECTORY",
