@@ -3,10 +3,11 @@ against running `python training/train.py` directly with the same profile, datas
 environment the server builds (server.harness.training_env), in the same fresh workspace.
 
 Order: untimed warm-up runs, one each way (torch.compile's on-disk caches, the evaluator's compiled kernels, the
-page cache), then direct, server, server, direct (ABBA, so a linear drift of the machine cancels out of the means). Everything the server adds shows up in
-the difference: git checks and commit, pre-flight, the ledger, process bookkeeping and the monitor's polling, and
-the trusted pipeline (server/pipeline.py): the feeder beside the trainer, the sandbox, the hand-over export and
-the evaluator's own process (its start-up and probe rows) where the direct run evaluates in process.
+page cache), then direct, server, server, direct (ABBA, so a linear drift of the machine cancels out of the means).
+Everything the server adds shows up in the difference: git checks and commit, pre-flight, the ledger, process
+bookkeeping and the monitor's polling, and the trusted pipeline (server/pipeline.py): the feeder beside the
+trainer, the sandbox, the hand-over export and the evaluator's own process (its start-up and probe rows) where the
+direct run evaluates in process.
 """
 
 import json
@@ -165,13 +166,11 @@ def evaluator_rows(runs: list[dict]) -> list[Row]:
         return mean_of(server, lambda r: r["evaluator"].get(key))
 
     return [
-        Row("overhead", "of which the hand-over export (phase: exporting, server runs' mean)",
-            fmt_s(mean_of(server, lambda r: r["phases"].get("exporting"))), "", "",
-            "train.py exports its model for the evaluator; the direct run does not"),
-        Row("overhead", "of which the evaluator's start-up + graph load (server runs' mean)",
-            fmt_s(evaluator("startup_seconds") + evaluator("load_seconds")), "", "",
-            f"imports, pins and data copy {evaluator('startup_seconds'):.1f} s (started early: overlaps the export), "
-            f"graph load {evaluator('load_seconds'):.1f} s"),
+        Row("overhead", "of which the hand-over export and the evaluator's graph load (phase: exporting, server "
+            "runs' mean)", fmt_s(mean_of(server, lambda r: r["phases"].get("exporting"))), "", "",
+            f"the direct run exports nothing; graph load {evaluator('load_seconds'):.1f} s"),
+        Row("overhead", "of which the evaluator's start-up (server runs' mean)", fmt_s(evaluator("startup_seconds")),
+            "", "", "imports, pins checked, data copied: started as the feeder ends, it overlaps the export"),
         Row("overhead", "trusted evaluation, scoring (server runs' mean)", fmt_s(evaluator("eval_seconds")),
             "evaluate_bpb in process (direct runs' mean)", fmt_s(mean_of(direct, lambda r: r["eval_seconds"])),
             "the evaluator adds causality probe rows and scores in its own process"),

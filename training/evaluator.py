@@ -390,10 +390,10 @@ def evaluate(request):
             return torch.logsumexp(f, -1) - f.gather(-1, y[..., None]).squeeze(-1), f.amin(), f.amax()
 
         score = torch.compile(nll_and_range, dynamic=False) if compiled else nll_and_range
-        # A batch no probe is compared with needs no logits kept: compiled with our scoring as one program, the graph's
-        # logits never reach memory in full (a fifth faster a batch on a 2-core CPU). It is the same graph on the same
-        # rows, and a pure graph cannot tell which way it is called; every batch a probe is compared with is scored
-        # with its logits kept, as are the probes.
+        # A batch no probe is compared with needs no logits kept: compiled with our scoring as one program, the
+        # graph's logits never reach memory in full (0.161 s against 0.185 s a cpu-profile batch on a 2-core CPU).
+        # It is the same graph on the same rows, and a pure graph cannot tell which way it is called; every batch a
+        # probe is compared with is scored with its logits kept, as are the probes.
         graph_and_score = torch.compile(lambda x, y: nll_and_range(eager(x), y), dynamic=False) if compiled else None
 
         def finite(lowest, highest):
