@@ -69,22 +69,27 @@ def watchdog_factor() -> float:
     return factor if factor > 0 else 1.0
 
 
-# The figures of a run's metrics that only trusted code gives (the official result), whatever train.py prints under
-# the same names: its printed val_bpb, clock, memory or MFU is never data.
-OFFICIAL_METRICS = ("val_bpb", "training_seconds", "training_tokens", "peak_vram_mb", "peak_memory_source",
-                    "rows_evaluated", "tokens_evaluated", "eval_seconds", "isolation", "mfu_percent")
+def official_figures(official: dict) -> dict:
+    """The figures of the official result shown among a run's metrics, under the summary block's names (None where
+    the result lacks one): the feeder's clock and tokens, the trusted peak memory and MFU, the evaluator's amounts
+    and time."""
+    evaluator = official.get("evaluator") or {}
+    return {"training_seconds": official.get("training_seconds"), "training_tokens": official.get("training_tokens"),
+            "peak_vram_mb": official.get("peak_memory_mb"), "peak_memory_source": official.get("peak_memory_source"),
+            "rows_evaluated": official.get("rows_evaluated"), "tokens_evaluated": official.get("tokens_evaluated"),
+            "eval_seconds": evaluator.get("eval_seconds"), "isolation": official.get("isolation"),
+            "mfu_percent": official.get("mfu_percent")}
+
+
+# The names of a run's metrics that only trusted code fills, whatever train.py prints under them: its printed
+# val_bpb, clock, memory or MFU is never data.
+OFFICIAL_METRICS = ("val_bpb", *official_figures({}))
 
 
 def official_metrics(official: dict) -> dict:
-    """The figures of the official result shown among a run's metrics, under the summary block's names: the
-    feeder's clock and tokens, the trusted peak memory and MFU, the evaluator's amounts and time."""
-    evaluator = official.get("evaluator") or {}
-    figures = {"training_seconds": official.get("training_seconds"), "training_tokens": official.get("training_tokens"),
-               "peak_vram_mb": official.get("peak_memory_mb"), "peak_memory_source": official.get("peak_memory_source"),
-               "rows_evaluated": official.get("rows_evaluated"), "tokens_evaluated": official.get("tokens_evaluated"),
-               "eval_seconds": evaluator.get("eval_seconds"), "isolation": official.get("isolation"),
-               "mfu_percent": official.get("mfu_percent")}
-    return {k: v for k, v in figures.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    """The official figures this result has."""
+    return {k: v for k, v in official_figures(official).items()
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
 class RunHandle:
