@@ -44,9 +44,10 @@ class RunResult(BaseModel):
     decision: str | None = Field(None, description="keep | discard once decided, else null")
     val_bpb: float | None = Field(None, description="Validation bits per byte from the frozen evaluation (lower is better)")
     metrics: dict[str, float | int | str] = Field(
-        default_factory=dict, description=("The run's summary block as train.py printed it (num_steps, depth, ...), with the official "
+        default_factory=dict,
+        description=("The run's summary block as train.py printed it (num_steps, depth, ...), with the official "
                      "figures from trusted code only: training_seconds and training_tokens (the feeder's clock), "
-                     "peak_vram_mb, mfu_percent, rows/tokens_evaluated, eval_seconds, isolation")
+                     "peak_vram_mb, mfu_percent, rows/tokens_evaluated, eval_seconds, isolation"),
     )
     best_val_bpb: float | None = Field(None, description="Best kept val_bpb of this session before this run")
     delta_vs_best: float | None = Field(None, description="val_bpb minus best_val_bpb; negative means better")
