@@ -13,6 +13,7 @@ import time
 from mcp import StdioServerParameters
 
 from server.executor import lock_path
+from server.layout import LOCK_DIR_ENV
 
 
 def git(workspace, *args) -> str:
@@ -31,6 +32,13 @@ def stand_in_workspace(ws, training: dict[str, str], gitignore: str):
     git(ws, "add", "-A")
     git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
     return ws
+
+
+def server_env(home) -> dict:
+    """The environment of a server started as a subprocess: little more than PATH, plus the tests' own device lock
+    folder (HOME falls back to `home`)."""
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(home)),
+            LOCK_DIR_ENV: os.environ[LOCK_DIR_ENV]}
 
 
 def serve_params(workspace, cache, budget, *flags, env=None) -> StdioServerParameters:

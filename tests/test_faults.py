@@ -23,9 +23,8 @@ from mcp import Client, ClientSession, stdio_client
 from server import workspace as ws_module
 from server.app import create_server
 from server.cli import create_workspace
-from server.layout import LOCK_DIR_ENV
 from server.research import Settings
-from support import call, device_lock_is_free, git, ledger_runs, serve_params
+from support import call, device_lock_is_free, git, ledger_runs, serve_params, server_env
 
 BUDGET = 2.0
 
@@ -147,12 +146,6 @@ def wait_until(predicate, timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.05)
-
-
-def server_env(tmp_path) -> dict:
-    """The environment of a server started as a subprocess: little more than PATH, plus the tests' lock folder."""
-    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)),
-            LOCK_DIR_ENV: os.environ[LOCK_DIR_ENV]}
 
 
 async def refused(client, tally, name, **arguments) -> str:

@@ -1,12 +1,10 @@
 """The whole research loop against the real server process over stdio, checking git, ledger and results.tsv
 after every step, as an agent left alone overnight would leave them."""
 
-import os
-
 import anyio
 from mcp import ClientSession, stdio_client
 
-from support import git, ledger_runs, serve_params
+from support import git, ledger_runs, serve_params, server_env
 
 
 def tsv_rows(workspace) -> list[list[str]]:
@@ -16,9 +14,7 @@ def tsv_rows(workspace) -> list[list[str]]:
 
 
 def test_full_loop_over_stdio(workspace, prepared_cache, tmp_path):
-    params = serve_params(workspace, prepared_cache, 2, env={
-        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path)),
-        "AUTORESEARCH_LOCK_DIR": os.environ["AUTORESEARCH_LOCK_DIR"]})  # the tests' own device locks
+    params = serve_params(workspace, prepared_cache, 2, env=server_env(tmp_path))
     train = workspace / "training" / "train.py"
 
     async def call(session, name, **arguments):
