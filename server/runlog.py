@@ -92,7 +92,8 @@ def read_tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 256 * 1024) 
 class LogReader:
     """Incremental reader of a run's log: new bytes only, split on \\n or \\r (progress bars rewrite one line
     with \\r), keeping the phase and latest progress, the last `---` summary block and the last lines.
-    `phase_changed` counts phase transitions, so a watchdog can tell when a phase began."""
+    `phases_ended` keeps each recent phase's last progress, numbered by `phase_changes`, so a waiter that reports
+    every few seconds still shows a phase shorter than its cadence (a 2 s budget's training)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -104,6 +105,8 @@ class LogReader:
         self.announced = False  # a `phase:` line was seen: phases are no longer inferred
         self.eval_lines = 0  # `eval:` lines seen (the watchdog measures evaluation throughput from them)
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        self.phase_changes = 0
+        self.phases_ended: collections.deque[dict] = collections.deque(maxlen=2 * len(PHASES))
 
     def size(self) -> int:
         try:
@@ -158,6 +161,8 @@ class LogReader:
 
     def set_phase(self, phase: str) -> None:
         if phase != self.progress["phase"]:
+            self.phase_changes += 1
+            self.phases_ended.append(dict(self.progress))
             self.progress["phase"] = phase
             if phase == "evaluating":
                 self.progress["eval_percent"] = 0.0

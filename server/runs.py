@@ -609,17 +609,35 @@ class RunManager:
             return record
         deadline = None if max_wait_seconds is None else time.monotonic() + max_wait_seconds
         next_report = time.monotonic() + PROGRESS_SECONDS
+        shown = handle.log.phase_changes
         while not handle.done.is_set():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
-            if on_progress is not None and now >= next_report:
+            if on_progress is not None and (now >= next_report or handle.log.phase_changes != shown):
+                shown, passed = self.phases_passed(handle, shown)
+                for progress in passed:  # each phase that ended since the last report, as it ended
+                    await on_progress(progress)
                 await on_progress(self.progress(run_id))
                 next_report = time.monotonic() + PROGRESS_SECONDS
             await anyio.sleep(POLL_SECONDS if deadline is None else max(0.0, min(POLL_SECONDS, deadline - now)))
         if on_progress is not None and handle.done.is_set() and handle.record.get("status") == "succeeded":
+            for progress in self.phases_passed(handle, shown, ended=True)[1]:
+                await on_progress(progress)
             await on_progress(self.progress(run_id))
         return dict(handle.record)
+
+    @staticmethod
+    def phases_passed(handle: RunHandle, shown: int, ended: bool = False) -> tuple[int, list[dict]]:
+        """The last progress of each phase that ended after the first `shown` phase changes (and, once the run
+        ended, of its final phase), and the count to pass next time."""
+        with handle.mutex:
+            log = handle.log
+            passed = list(log.phases_ended)[-(log.phase_changes - shown):] if log.phase_changes > shown else []
+            passed += [dict(log.progress)] if ended else []
+            count = log.phase_changes
+        elapsed = round((handle.ended or time.monotonic()) - handle.t0, 1)
+        return count, [{**progress, "elapsed": elapsed} for progress in passed]
 
     def cancel(self, run_id: str) -> dict:
         """Stop the run (SIGTERM to everything it started, SIGKILL after a grace period); blocks until it is

@@ -290,6 +290,37 @@ def test_progress_is_parsed_live_and_reported_while_waiting(workspace, cache, mo
     assert anyio.run(mgr.wait, "r0001", None, on_progress)["status"] == "succeeded"
 
 
+def test_a_phase_shorter_than_the_report_cadence_is_still_reported_in_order(workspace, cache, monkeypatch):
+    """A 2 s budget trains for less than one report interval: the waiter still shows warm-up, then training,
+    each as it ended, before what the run is doing now (a watched loop skips nothing)."""
+    monkeypatch.setattr(runs, "PROGRESS_SECONDS", 30.0)  # no report would come from the cadence alone
+    mgr = manager(workspace, cache)
+    source = """
+    print("phase: warm-up", flush=True)
+    progress(1)
+    print("phase: training", flush=True)
+    progress(2, loss=4.0)
+    print("phase: exporting", flush=True)
+    wait_for("go")
+    result()
+    """
+    start(mgr, source)
+    reports = []
+
+    async def on_progress(p):
+        reports.append(p)
+        if p["phase"] == "exporting":
+            (workspace / "go").touch()
+
+    assert anyio.run(mgr.wait, "r0001", None, on_progress)["status"] == "succeeded"
+    phases = [p["phase"] for p in reports]
+    shown = [phase for i, phase in enumerate(phases) if i == 0 or phases[i - 1] != phase]
+    assert shown == ["starting", "warm-up", "training", "exporting", "evaluating", "done"], phases
+    training = reports[phases.index("training")]
+    assert training["step"] == 2 and training["loss"] == 4.0 and training["elapsed"] >= 0
+    assert [p["elapsed"] for p in reports] == sorted(p["elapsed"] for p in reports)
+
+
 def test_log_reader_parses_new_bytes_only_even_when_lines_arrive_in_pieces(tmp_path):
     log = tmp_path / "log.txt"
     reader = runs.LogReader(log)
