@@ -18,9 +18,11 @@ isolation: "auto" uses the sandbox where it works (probed once per process: a ti
 """
 
 import functools
+import getpass
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +252,16 @@ def gpu_devices() -> list[str]:
 # bubblewrap (Linux)
 # ---------------------------------------------------------------------------
 
+def inductor_user() -> str:
+    """The user name in torch inductor's temp folder name (torchinductor_<user>), as inductor sanitizes it; the
+    sandbox sets LOGNAME to it, so the trainer's getpass.getuser() gives the same name."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = f"uid_{os.getuid()}"
+    return re.sub(r'[\\/:*?"<>|]', "_", name)
+
+
 def bwrap_argv(command, *, run_dir, state_dir, cache_dir, readable, hidden, python, compile_cache=None) -> list[str]:
     """Mounts in three passes, order matters: broad read-only binds, then masks over what must not be seen, then
     the narrow binds that come back inside the masks (run dir writable, tokenizer read-only)."""
@@ -294,8 +306,15 @@ def bwrap_argv(command, *, run_dir, state_dir, cache_dir, readable, hidden, pyth
     args += ["--bind", str(run_dir), str(run_dir)]
     if compile_cache:
         cc = compile_cache.resolve()
+        headers = cc / "precompiled_headers"
+        headers.mkdir(parents=True, exist_ok=True)
+        user = inductor_user()
         args += ["--bind", str(cc), str(cc), "--setenv", "TORCHINDUCTOR_CACHE_DIR", str(cc / "inductor"),
-                 "--setenv", "TRITON_CACHE_DIR", str(cc / "triton")]
+                 "--setenv", "TRITON_CACHE_DIR", str(cc / "triton"),
+                 # inductor keeps its precompiled C++ headers under <temp>/torchinductor_<user>, not in its cache
+                 # dir; our /tmp is empty every run, so each CPU run rebuilt them: ~6 s of g++ in its first step
+                 "--setenv", "LOGNAME", user,
+                 "--bind", str(headers), f"{SANDBOX_TMP}/torchinductor_{user}/precompiled_headers"]
     for m in tmpfs_masks:  # an empty mask is read-only too: writes there would only vanish, refuse them
         args += ["--remount-ro", str(m)]
     args += ["--setenv", "HOME", SANDBOX_TMP, "--setenv", "TMPDIR", SANDBOX_TMP,
