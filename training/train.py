@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prepare import PROFILE, MAX_SEQ_LEN, TIME_BUDGET, DATASET, SEED, Tokenizer, make_dataloader, evaluate_bpb
+from feeder import WARMUP_TOKENS
 import runtime
 from runtime import DEVICE, attention, phase, sync
 
@@ -398,8 +399,9 @@ if __name__ == "__main__":
     optimizers = setup_optimizers(model)
     scaler = PRECISION.grad_scaler()  # loss scaling for fp16, a pass-through otherwise
     train_model = torch.compile(model, dynamic=False) if COMPILE else model
-    # the first steps pay for compilation and allocator warm-up, so they do not count against the budget
-    untimed_steps = 10 if COMPILE else 1
+    # the first steps pay for compilation and allocator warm-up, so they do not count against the budget: the
+    # harness's allowance for this profile (the feeder serves the same tokens untimed in a server's run)
+    untimed_steps = max(1, WARMUP_TOKENS[PROFILE.name] // TOTAL_BATCH_SIZE)
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE)
     # in a run the server started, the harness's feeder owns the clock: its warm-up allowance, then wall time
     feeder_clock = hasattr(train_loader, "training_seconds")

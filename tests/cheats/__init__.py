@@ -49,7 +49,8 @@ VAL_SPLIT = real(
 )
 
 # Twelve times the untimed warm-up steps: their time never counted in train.py's own clock.
-UNTIMED_STEPS = real(("    untimed_steps = 10 if COMPILE else 1\n", "    untimed_steps = 12 * (10 if COMPILE else 1)\n"))
+UNTIMED_STEPS = real(("    untimed_steps = max(1, WARMUP_TOKENS[PROFILE.name] // TOTAL_BATCH_SIZE)\n",
+                      "    untimed_steps = 12 * max(1, WARMUP_TOKENS[PROFILE.name] // TOTAL_BATCH_SIZE)\n"))
 
 # Every clock in the process runs twelve times slower: train.py's budget lasts twelve times as long.
 SLOW_CLOCK = real(("import time\n", """import time
