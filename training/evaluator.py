@@ -48,11 +48,13 @@ DATA_FILES = {"tokenizer.pkl": "tokenizer", "token_bytes.npy": "tokenizer", "val
 PROBE_FLOOR = 1e-6
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; by the precision the graph runs in
 # Sampling: a model leaking the next token at a fraction f of (row, position) pairs escapes P probe rows with
-# probability (1 - f)^P. P is at least one row per cut position and PROBE_SHARE of the scored rows: the cpu
-# profile probes 512 rows (+25% of the evaluation's forward passes), so f = 1% is caught 99.4% of the time.
-PROBE_SHARE = 0.25
+# probability (1 - f)^P, whatever the number of rows scored: what buys the guarantee is P itself, not a share.
+# P is at least one row per cut position and PROBE_ROWS (f = 1% is then caught 99.4% of the time), but never more
+# than the rows scored (smoke's 128: a seconds-long check gets as many probes as rows). The cpu profile probes
+# 512 rows (+50% of its forward passes), gpu 2047 (one per cut position, +20%).
+PROBE_ROWS = 512
 AUTOCAST_DTYPES = ("bfloat16", "float16")
-# On a CPU a large evaluation (the cpu profile's 2^19 tokens: 320 forward passes) is compiled, and run under bf16
+# On a CPU a large evaluation (the cpu profile's 2^18 tokens and probes: 192 forward passes) is compiled, run under bf16
 # autocast where the CPU computes bf16 natively (AVX512-BF16, AMX): on a 2-core EPYC eager fp32 took 0.38 s a batch,
 # compiled bf16 0.15 s, for a one-off compile of ~15 s. A small one (smoke) stays eager: compiling would cost more
 # than it saves. The compile runs in this process (no compile workers), its cache in the private folder or in the
@@ -197,9 +199,9 @@ def val_rows(prepare, tokenizer, batch, seq_len):
 
 def probe_plan(n_batches, batch, seq_len, n_rows, rows_scored, rng):
     """{scored batch index: [[(row in batch, donor row, cut)] per probe batch]}. At least one probe row per cut
-    1..seq_len-1 (a leak at any position shows at some cut) and PROBE_SHARE of the scored rows, spread over
-    randomly chosen scored batches; donors are other rows of the val set."""
-    n_probe_rows = max(seq_len - 1, math.ceil(PROBE_SHARE * rows_scored))
+    1..seq_len-1 (a leak at any position shows at some cut) and PROBE_ROWS (at most the rows scored), spread
+    over randomly chosen scored batches; donors are other rows of the val set."""
+    n_probe_rows = max(seq_len - 1, min(PROBE_ROWS, rows_scored))
     n_probe = -(-n_probe_rows // batch)
     cuts = []
     while len(cuts) < n_probe * batch:
