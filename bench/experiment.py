@@ -5,7 +5,9 @@ evaluator, bookkeeping). Upstream's reference: an H100 run takes 325.9 s for its
 Two experiments in one session: the first pays for the cold caches (torch.compile's, the evaluator's kernels), the
 second is what the rest of a night's experiments cost. Then `python training/train.py` directly at the same budget
 (after a short untimed run that warms its caches): what train.py itself costs over its budget (compile, untimed
-warm-up, in-process evaluation), so the loop's overhead at the profile's own budget reads beside it. The breakdown comes from each run's own record: the time the server saw in each phase (start-up and compilation,
+warm-up, in-process evaluation), so the loop's overhead at the profile's own budget reads beside it.
+
+The breakdown comes from each run's own record: the time the server saw in each phase (start-up and compilation,
 training, export, evaluation: `phase_seconds`) and the official result's timings (the evaluator's start-up, graph
 load and scoring); bookkeeping is the rest of the call (git, pre-flight, ledger, launcher, waiting).
 

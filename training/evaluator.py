@@ -54,10 +54,10 @@ PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; 
 # 512 rows (+50% of its forward passes), gpu 2047 (one per cut position, +20%).
 PROBE_ROWS = 512
 AUTOCAST_DTYPES = ("bfloat16", "float16")
-# On a CPU a large evaluation (the cpu profile's 2^18 tokens and probes: 192 forward passes) is compiled, run under bf16
-# autocast where the CPU computes bf16 natively (AVX512-BF16, AMX): on a 2-core EPYC eager fp32 took 0.38 s a batch,
-# compiled bf16 0.15 s, for a one-off compile of ~15 s. A small one (smoke) stays eager: compiling would cost more
-# than it saves. The compile runs in this process (no compile workers), its cache in the private folder or in the
+# On a CPU a large evaluation (the cpu profile's 2^18 tokens and probes: 192 forward passes) is compiled, run under
+# bf16 autocast where the CPU computes bf16 natively (AVX512-BF16, AMX): on a 2-core EPYC eager fp32 took 0.38 s a
+# batch, compiled bf16 0.15 s, for a one-off compile of ~15 s. A small one (smoke) stays eager: compiling would cost
+# more than it saves. The compile runs in this process (no compile workers), its cache in the private folder or in the
 # request's "compile_cache", a folder no trainer can write (the pipeline names one only for sandboxed trainers), so
 # nothing a trainer wrote is ever loaded; CUDA stays eager (its evaluation is already ~2% of the budget).
 COMPILE_MIN_TOKENS = 2**18
