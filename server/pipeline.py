@@ -168,16 +168,19 @@ def _run(spec: dict, out) -> dict:
         trainer_end.close()  # from here the trainer holds the only copy: its exit is the feeder's EOF
     t_trainer = time.time()
     watch = TreeWatch(trainer.pid, spec.get("device") or "cpu")
-    # The evaluator starts as soon as the feeder has ended (training is over; train.py exports): its imports, pin
-    # checks and data copy overlap the export, and it reads the graph only once told "go", after the trainer and
-    # everything it left are gone.
+    # The evaluator starts once the trainer is past its own start-up (it greeted the feeder, and compiles): its
+    # imports, pin checks and data copy (~3 s of one core) overlap the trainer's compilation, which leaves a core
+    # idle on a small machine, instead of following the export. It reads the graph only once told "go", after the
+    # trainer and everything it left are gone.
     request = {"graph": str(graph), "profile": spec["profile"], "dataset": spec["dataset"], "cache": spec.get("cache"),
                "pins": spec["evaluator_pins"], "device": spec.get("device"), "wait": True}
     evaluator_cache = spec.get("evaluator_compile_cache")
     if evaluator_cache and launch.isolation == "sandbox":
         request["compile_cache"] = evaluator_cache
     evaluator = Evaluator(trusted, harness, request, trusted_env, run_dir, out)
-    returncode = watch.wait(trainer, lambda: feeder.poll() is not None and evaluator.start())
+    status = spec.get("feeder_status")
+    returncode = watch.wait(trainer, lambda: evaluator.proc is not None
+                            or (trainer_started(feeder, status) and evaluator.start()))
     result["trainer_returncode"] = returncode
     trainer_seconds = time.time() - t_trainer
     left = watch.leftovers(env.get(layout.RESULT_ENV))
@@ -219,6 +222,17 @@ def _run(spec: dict, out) -> dict:
     result["mfu_percent"] = mfu_percent(result, answer)
     result.update(ok=True, stage=None, error=None)
     return result
+
+
+def trainer_started(feeder: subprocess.Popen, status_path: str | None) -> bool:
+    """Whether the trainer is past its start-up: it greeted the feeder (the feeder's status left "waiting"), or the
+    feeder has ended."""
+    if feeder.poll() is not None:
+        return True
+    try:
+        return bool(status_path) and json.loads(Path(status_path).read_text()).get("phase") not in (None, "waiting")
+    except (OSError, ValueError):
+        return False
 
 
 def mfu_percent(result: dict, answer: dict) -> float | None:
