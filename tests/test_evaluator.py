@@ -266,17 +266,18 @@ def test_a_compiled_evaluation_scores_the_same_and_still_probes(harness, cache, 
     refused, and the compiled kernels kept in the request's compile_cache only."""
     kernels = tmp_path / "kernels"
     reqs = [request(models, name, cache, pins, compile=True, compile_cache=str(kernels))
-            for name in ("Tiny", "LeakLate", "Tiny")]
+            for name in ("Tiny", "LeakLate", "SmallLeakLargeLogits", "Tiny")]
     proc = subprocess.run([sys.executable, "-I", "-B", "-c", DRIVER, str(harness), json.dumps(reqs)],
                           env=smoke_env("/nonexistent"), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    scored, leak, again = json.loads(proc.stdout.strip().splitlines()[-1])
+    scored, leak, small_leak, again = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scored["ok"] and scored["compiled"] is True, scored
     assert scored["precision"] in ("bfloat16", "float32")
     close = 0.02 if scored["precision"] == "bfloat16" else 1e-4
     assert scored["val_bpb"] == pytest.approx(honest[1]["val_bpb"], abs=close)
     assert scored["probe_max_diff"] <= (2e-2 if scored["precision"] == "bfloat16" else 1e-3)
     assert not leak["ok"] and "not causal" in leak["error"]
+    assert not small_leak["ok"] and "not causal" in small_leak["error"]
     assert again["val_bpb"] == scored["val_bpb"]  # from the kept kernels: the very same number
     assert any(path.is_file() for path in kernels.rglob("*"))
 

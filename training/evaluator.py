@@ -42,11 +42,12 @@ HARNESS_FILES = ("prepare.py", "runtime.py", "handover.py")  # imported by name,
 # The prepared files that decide the score, by folder (prepare.tokenizer_dir / prepare.tokens_dir).
 DATA_FILES = {"tokenizer.pkl": "tokenizer", "token_bytes.npy": "tokenizer", "val.bin": "tokens", "val.idx.npy": "tokens"}
 
-# Causality probes: rows whose tokens after a random cut come from another row; every position before the cut must
-# give the same next-token distribution as in the scored batch. Compared as log(p + floor) per vocab entry, so a
-# constant added to a position's logits changes nothing (it changes no probability, hence not the score either),
-# and the tolerance is in nats, the same at every position whatever the logits' magnitude.
-PROBE_FLOOR = 1e-6
+# Causality probes: rows whose tokens after a random cut come from another row; at every position before the cut
+# the probe must give the scored row's own next token the same log-probability as the scored batch did. That is the
+# very quantity the score sums: a leak that raises it (the only kind that can lower val_bpb) reads a future token
+# the probe has replaced, so the two differ. A constant added to a position's logits changes no log-probability,
+# and the tolerance is in nats, the same at every position whatever the logits' magnitude. Both sides come out of
+# the one compiled scoring program: no batch's logits are kept, and a probe costs one forward pass.
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; by the precision the graph runs in
 # Sampling: a model leaking the next token at a fraction f of (row, position) pairs escapes P probe rows with
 # probability (1 - f)^P, whatever the number of rows scored: what buys the guarantee is P itself, not a share.
@@ -64,10 +65,16 @@ AUTOCAST_DTYPES = ("bfloat16", "float16")
 # nothing a trainer wrote is ever loaded; CUDA stays eager (its evaluation is already ~2% of the budget).
 COMPILE_MIN_TOKENS = 2**16
 READ_CHUNK = 1 << 22
-PROBE_CHUNK = 512  # positions compared at once (x vocab x 8 bytes)
 PEAK_SECONDS = 1.0  # the device peak's measurement for the run's MFU, where there is no datasheet figure
-PEAK_MEASUREMENTS = 3  # runs that measure it before the best of theirs is reused (with a compile cache)
+PEAK_MEASUREMENTS = 1  # runs that measure it before the best of theirs is reused (with a compile cache)
 PEAK_FILE = "device-peak.json"
+# Inductor checks which vector ISA a CPU can run by building a test library per ISA and loading each in a fresh
+# Python process: ~1.1 s of every process that compiles for a CPU (the evaluator's, and the trainer's step 0). The
+# server's `--pins --isa-record <the evaluator's compile cache>` at a session's start runs that check once and
+# records whether skipping it (inductor's vec_isa_ok) picks the same ISA on this host with this torch; the
+# evaluator and, through the pipeline, the trainer skip it only then, in every run alike (the setting is part of
+# inductor's cache keys).
+ISA_FILE = "vec-isa.json"
 
 
 class EvalError(Exception):
@@ -223,19 +230,25 @@ def probe_plan(n_batches, batch, seq_len, n_rows, rows_scored, rng):
 
 
 def probe_diff(scored, probed, cuts):
-    """Largest |log(p + floor) - log(p' + floor)| over the vocab at the positions before each row's cut. A pure
-    graph gives bitwise-equal logits there, so only positions that differ at all are compared in float64."""
+    """Largest |difference| between two batches' per-position cross-entropies (the same targets) at the positions
+    before each row's cut."""
     import torch
     cuts = torch.tensor(cuts, device=scored.device)
     before = torch.arange(scored.size(1), device=scored.device)[None, :] < cuts[:, None]
-    differ = before & (scored != probed).any(-1)
-    rows, pos = differ.nonzero(as_tuple=True)
-    worst = 0.0
-    for lo in range(0, len(rows), PROBE_CHUNK):
-        r, p = rows[lo:lo + PROBE_CHUNK], pos[lo:lo + PROBE_CHUNK]
-        a, b = torch.softmax(scored[r, p].double(), -1), torch.softmax(probed[r, p].double(), -1)
-        worst = max(worst, ((a + PROBE_FLOOR).log() - (b + PROBE_FLOOR).log()).abs().max().item())
-    return worst
+    return torch.where(before, (scored - probed).abs(), 0.0).max().item()
+
+
+def check_output(ep, B, T, V):
+    """The graph returns one floating tensor of logits (B, T, V): read from its static output, before it runs."""
+    import torch
+    (outputs,) = [n.args[0] for n in ep.graph.nodes if n.op == "output"]
+    user = [o for o, spec in zip(outputs, ep.graph_signature.output_specs) if spec.kind.name == "USER_OUTPUT"]
+    value = user[0].meta.get("val") if len(user) == 1 and hasattr(user[0], "meta") else None
+    if not (torch.is_tensor(value) and value.is_floating_point() and tuple(value.shape) == (B, T, V)):
+        got = (f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}" if torch.is_tensor(value)
+               else f"{len(user)} outputs")
+        raise EvalError(f"the graph returns {got}, not logits ({B}, {T}, {V}): export the model whose forward(idx) "
+                        "returns the logits, with handover.export_model")
 
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -282,7 +295,7 @@ def device_peak(device, cache=None):
     Where it is measured (CPUs, MPS, GPUs missing from the datasheet table) a short measurement on a shared machine
     can come out at half the real peak, doubling the MFU: the best of it and one PEAK_SECONDS long is kept. With a
     cache (a folder only the evaluator writes) the best of the first PEAK_MEASUREMENTS runs' figures is kept there
-    and later runs reuse it: 1.6 s a run on a 2-core CPU, and a steadier MFU than one measurement each."""
+    and later runs reuse it: 1.6 s a run saved on a 2-core CPU, and every run's MFU over the same peak."""
     import torch
     import runtime
     # what the figure depends on: the machine, the device (a CPU's by its thread count), torch
@@ -324,7 +337,7 @@ def default_autocast(device, compiled):
     return None
 
 
-def compile_module(module, cache, private):
+def compile_function(fn, cache, private):
     """torch.compile for the CPU, compiled in this process with `cache` as inductor's cache: no compile worker
     processes, no cache a trainer could have written, and the working directory ours."""
     import torch
@@ -334,7 +347,42 @@ def compile_module(module, cache, private):
     inductor.compile_threads = 1
     inductor.fx_graph_remote_cache = inductor.autotune_remote_cache = False
     os.chdir(private)
-    return torch.compile(module, dynamic=False)
+    return torch.compile(fn, dynamic=False)
+
+
+def isa_record_key():
+    import torch
+    return {"host": socket.gethostname(), "torch": torch.__version__}
+
+
+def isa_check_record(cache, check=True):
+    """Whether inductor's ISA check may be skipped on this host with this torch (see ISA_FILE), as recorded in the
+    folder `cache`. With check, a missing record is made: the check runs here (it dlopens each ISA's test library
+    in a child process), then the choice without it is compared with the choice it made."""
+    import torch._inductor.config as inductor
+    path = Path(cache) / ISA_FILE
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and {k: record.get(k) for k in isa_record_key()} == isa_record_key():
+            return record.get("skip_check") is True
+    except (OSError, ValueError):
+        pass
+    if not check or inductor.cpp.vec_isa_ok is not None:
+        return False
+    from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
+    try:
+        checked = str(pick_vec_isa())
+        inductor.cpp.vec_isa_ok = True
+        valid_vec_isa_list.cache_clear()
+        unchecked = str(pick_vec_isa())
+    finally:
+        inductor.cpp.vec_isa_ok = None
+        valid_vec_isa_list.cache_clear()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**isa_record_key(), "skip_check": checked == unchecked, "isa": checked}))
+    os.replace(tmp, path)
+    return checked == unchecked
 
 
 def load_kernel(repo):
@@ -397,12 +445,24 @@ def evaluate(request):
             raise EvalError(f"the graph takes {got}, not int64 token ids of shape (batch, {T}): export it with "
                             f"handover.export_model, which uses this profile's shape")
         B = int(meta.shape[0])
+        check_output(ep, B, T, V)
         eager = ep.module()
         flops = forward_flops(ep, eager, B, T, device)
         flops_per_token = flops / (B * T) if flops else None
-        module = eager
+
+        def graph_and_score(x, y):
+            """Our own scoring of the graph's logits for x, in fp32: every position's cross-entropy against y, and
+            the logits' lowest and highest value (NaN and inf propagate to them: both finite means every logit is).
+            Compiled as one program, the logits never reach memory in full."""
+            f = eager(x).float()
+            return torch.logsumexp(f, -1) - f.gather(-1, y[..., None]).squeeze(-1), f.amin(), f.amax()
+
         if compiled:
-            module = compile_module(eager, Path(request.get("compile_cache") or private / "inductor"), private)
+            if device.type == "cpu" and request.get("compile_cache") and isa_check_record(request["compile_cache"], False):
+                import torch._inductor.config as inductor
+                inductor.cpp.vec_isa_ok = True  # as every run of this workspace compiles: one cache key
+            graph_and_score = compile_function(graph_and_score, Path(request.get("compile_cache") or private / "inductor"),
+                                               private)
         load_seconds = time.time() - t0
 
         rows, packed = val_rows(prepare, tokenizer, B, T)
@@ -412,43 +472,13 @@ def evaluate(request):
         token_bytes = torch.from_numpy(tokenizer.token_bytes).to(device)
         ctx = torch.autocast(device.type, dtype=getattr(torch, precision)) if precision != "float32" else None
 
-        def nll_and_range(logits, y):
-            """Our own scoring of the graph's logits, in fp32: every position's cross-entropy, and the logits' lowest
-            and highest value (NaN and inf propagate to them: both finite means every logit is)."""
-            f = logits.float()
-            return torch.logsumexp(f, -1) - f.gather(-1, y[..., None]).squeeze(-1), f.amin(), f.amax()
-
-        score = torch.compile(nll_and_range, dynamic=False) if compiled else nll_and_range
-        # A batch no probe is compared with needs no logits kept: compiled with our scoring as one program, the
-        # graph's logits never reach memory in full (0.161 s against 0.185 s a cpu-profile batch on a 2-core CPU).
-        # It is the same graph on the same rows, and a pure graph cannot tell which way it is called; every batch a
-        # probe is compared with is scored with its logits kept, as are the probes.
-        graph_and_score = torch.compile(lambda x, y: nll_and_range(eager(x), y), dynamic=False) if compiled else None
-
-        def finite(lowest, highest):
-            if not (torch.isfinite(lowest) and torch.isfinite(highest)):
-                raise EvalError("the model produced non-finite logits (NaN or inf); val_bpb is not defined")
-
         def run(x, y):
-            """(the graph's logits for x, the cross-entropy of each position against y)."""
-            with torch.no_grad(), (ctx or torch.no_grad()):
-                logits = module(x)
-            if not torch.is_tensor(logits) or tuple(logits.shape) != (B, T, V) or not logits.is_floating_point():
-                shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-                raise EvalError(f"the graph returned {shape}, not logits ({B}, {T}, {V})")
-            with torch.no_grad():
-                nll, lowest, highest = score(logits, y)
-            finite(lowest, highest)
-            return logits, nll
-
-        def run_scored_only(x, y):
-            """The cross-entropy of each position of x against y, the logits not kept (the output's shape was checked
-            on the probed batches, which come first)."""
-            if graph_and_score is None:
-                return run(x, y)[1]
+            """The cross-entropy of each position of x against y. Scored batches and probes alike: a pure graph
+            cannot tell which way it is called."""
             with torch.no_grad(), (ctx or torch.no_grad()):
                 nll, lowest, highest = graph_and_score(x, y)
-            finite(lowest, highest)
+            if not (torch.isfinite(lowest) and torch.isfinite(highest)):
+                raise EvalError("the model produced non-finite logits (NaN or inf); val_bpb is not defined")
             return nll
 
         log("phase: evaluating")
@@ -461,10 +491,7 @@ def evaluate(request):
         for done, b in enumerate(order, 1):
             batch = torch.from_numpy(packed[b * B:(b + 1) * B]).to(device)
             x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # one layout every call: one compiled graph
-            if b in plan:
-                logits, loss = run(x, y)
-            else:
-                loss = run_scored_only(x, y)
+            loss = run(x, y)
             nbytes = token_bytes[y]
             mask = nbytes > 0
             mask[rows - b * B:] = False  # padding rows: computed, never counted
@@ -475,12 +502,12 @@ def evaluate(request):
                 probe = x.clone()
                 for i, donor, cut in entries:
                     probe[i, cut:] = torch.from_numpy(packed[donor, cut:T]).to(device)
-                probed, _ = run(probe, y)
-                diff = probe_diff(logits, probed, [cut for _, _, cut in entries])
+                diff = probe_diff(loss, run(probe, y), [cut for _, _, cut in entries])  # the scored row's targets
                 worst, probe_rows = max(worst, diff), probe_rows + len(entries)
                 if diff > tolerance:
                     raise EvalError(f"the model is not causal: changing the tokens after a position changed the "
-                                    f"predictions before it by {diff:.3g} nats (tolerance {tolerance:g}); "
+                                    f"log-probability it gave its next token by {diff:.3g} nats (tolerance "
+                                    f"{tolerance:g}); "
                                     "val_bpb would measure a leak, not learning")
             if done % report_every == 0 or done == n_batches:
                 log(f"eval: {min(done * B, rows)}/{rows} rows")
@@ -539,6 +566,8 @@ def main(argv=None):
     parser.add_argument("--profile")
     parser.add_argument("--dataset", default="sotu")
     parser.add_argument("--cache")
+    parser.add_argument("--isa-record", help="with --pins: the folder (the evaluator's compile cache) to record in "
+                                             "whether inductor's ISA check may be skipped on this host")
     args = parser.parse_args(argv)
 
     def answer(result, code):
@@ -550,9 +579,15 @@ def main(argv=None):
         if not args.profile:
             return answer({"ok": False, "error": "--pins needs --profile"}, 2)
         try:
-            return answer(compute_pins(args.profile, args.dataset, args.cache), 0)
+            pins = compute_pins(args.profile, args.dataset, args.cache)
         except EvalError as e:
             return answer({"ok": False, "error": str(e)}, 1)
+        if args.isa_record:
+            try:
+                isa_check_record(args.isa_record)
+            except Exception as e:  # noqa: BLE001 - no record: every compile runs inductor's check, as by default
+                log(f"no ISA record ({type(e).__name__}: {e})")
+        return answer(pins, 0)
     try:
         first = sys.stdin.readline()  # one line; a request spread over lines is read to its end
         try:
