@@ -413,7 +413,8 @@ if __name__ == "__main__":
     step = 0
     phase("compiling" if COMPILE else "warm-up")
     while True:
-        if step == 1 and COMPILE:
+        untimed = train_loader.phase == "warm-up" if feeder_clock else step < untimed_steps
+        if step == 1 and COMPILE and untimed:
             phase("warm-up")
         if step == untimed_steps and not feeder_clock:  # the feeder announces it when its clock starts
             phase("training")
