@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from server.errors import WorkspaceError
-from server.layout import RESULT_ENV
+from server.layout import RESULT_ENV, evaluator_compile_dir
 from server.gitops import TRAIN
 
 PREPARE = "training/prepare.py"
@@ -163,13 +163,14 @@ def harness_pins(workspace: Path, describe: dict) -> dict:
                         if isinstance(describe.get(source), int)}}
     if describe.get("ready") and describe.get("val_fingerprint") is not None:
         pins["evaluator"] = evaluator_pins(workspace, describe["profile"]["name"], describe["dataset"],
-                                           describe.get("cache_dir"))
+                                           describe.get("cache_dir"), evaluator_compile_dir(workspace))
     return pins
 
 
-def evaluator_pins(workspace: Path, profile: str, dataset: str, cache) -> dict:
+def evaluator_pins(workspace: Path, profile: str, dataset: str, cache, isa_record: Path | None = None) -> dict:
     """`evaluator.py --pins`, asked in a subprocess (the server never imports torch): {"harness": {file: sha256},
-    "data": {file: sha256}}, what every evaluation request of the session carries and the evaluator checks."""
+    "data": {file: sha256}}, what every evaluation request of the session carries and the evaluator checks.
+    isa_record: the evaluator's compile cache, where it records once whether inductor's ISA check can be skipped."""
     script = Path(workspace) / EVALUATOR
     if not script.is_file():
         raise WorkspaceError(f"{workspace} has no {EVALUATOR}, the trusted evaluator every run is scored by: update "
@@ -177,6 +178,7 @@ def evaluator_pins(workspace: Path, profile: str, dataset: str, cache) -> dict:
                              "init` a fresh workspace)")
     cmd = [sys.executable, "-I", "-B", str(script), "--pins", "--profile", profile, "--dataset", dataset]
     cmd += ["--cache", str(cache)] if cache else []
+    cmd += ["--isa-record", str(isa_record)] if isa_record else []
     env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)}
     try:
         proc = subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, encoding="utf-8",

@@ -67,6 +67,7 @@ from server.errors import WorkspaceError
 
 FEEDER_FD_ENV = "AUTORESEARCH_FEEDER_FD"     # training/feeder.py's FD_ENV
 HANDOVER_ENV = "AUTORESEARCH_HANDOVER"       # training/handover.py's HANDOVER_ENV
+ISA_FILE = "vec-isa.json"                    # training/evaluator.py's ISA_FILE, in its compile cache
 SAMPLE_SECONDS = 0.25   # how often the trainer's process tree and its memory are read from outside
 TRACK_SECONDS = 1.0     # how often the whole tree is looked up again (new descendants)
 FEEDER_EXIT_SECONDS = 10.0  # after the trainer is gone, the feeder sees EOF and reports; this long at most
@@ -149,6 +150,9 @@ def _run(spec: dict, out) -> dict:
         cache = Path(spec["compile_cache"])
         trainer_env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
         trainer_env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    evaluator_cache = spec.get("evaluator_compile_cache")
+    if launch.isolation == "sandbox" and evaluator_cache and isa_check_skippable(Path(evaluator_cache), spec, trusted):
+        trainer_env.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
     feeder = trainer = None
     try:
         feeder = subprocess.Popen(feeder_cmd, env=trusted_env, cwd=str(run_dir), stdin=subprocess.DEVNULL,
@@ -174,7 +178,6 @@ def _run(spec: dict, out) -> dict:
     # trainer and everything it left are gone.
     request = {"graph": str(graph), "profile": spec["profile"], "dataset": spec["dataset"], "cache": spec.get("cache"),
                "pins": spec["evaluator_pins"], "device": spec.get("device"), "wait": True}
-    evaluator_cache = spec.get("evaluator_compile_cache")
     if evaluator_cache and launch.isolation == "sandbox":
         request["compile_cache"] = evaluator_cache
     evaluator = Evaluator(trusted, harness, request, trusted_env, run_dir, out)
@@ -222,6 +225,19 @@ def _run(spec: dict, out) -> dict:
     result["mfu_percent"] = mfu_percent(result, answer)
     result.update(ok=True, stage=None, error=None)
     return result
+
+
+def isa_check_skippable(evaluator_cache: Path, spec: dict, trusted: str) -> bool:
+    """Whether the trainer may skip inductor's per-process vector ISA check (~1.1 s of its step 0 on a CPU): the
+    evaluator recorded that skipping it picks the same ISA on this host (training/evaluator.py, ISA_FILE), with the
+    same interpreter, hence the same torch, as the trainer's."""
+    if not str(spec.get("device") or "cpu").startswith("cpu") or spec["python"] != trusted:
+        return False
+    try:
+        record = json.loads((evaluator_cache / ISA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("host") == socket.gethostname() and record.get("skip_check") is True
 
 
 def trainer_started(feeder: subprocess.Popen, status_path: str | None) -> bool:

@@ -260,7 +260,8 @@ class RunManager:
         evaluator = pins.get("evaluator")
         if not evaluator:  # a session pinned before the evaluator's pins existed: asked once per server
             if self._evaluator_pins is None:
-                self._evaluator_pins = evaluator_pins(self.workspace, self.profile, self.dataset, self.cache)
+                self._evaluator_pins = evaluator_pins(self.workspace, self.profile, self.dataset, self.cache,
+                                                      layout.evaluator_compile_dir(self.workspace))
             evaluator = self._evaluator_pins
         return {
             "run_id": handle.run_id, "run_dir": str(handle.run_dir), "state_dir": str(layout.state_dir(self.workspace)),
