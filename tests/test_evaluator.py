@@ -90,6 +90,11 @@ class SmallLeakLargeLogits(Tiny):  # huge logits at position 0 inflate a global 
         huge = (torch.arange(T) == 0).float()[None, :, None] * 1e4
         return super().forward(idx) + huge + next_token(idx, 0.5)
 
+class ReadsOtherRows(Tiny):   # each row's predictions read the row before it in the batch: never its own future
+    def forward(self, idx):
+        other = torch.roll(idx, 1, dims=0)
+        return super().forward(idx) + (torch.arange(V, device=idx.device) == other[..., None]).float() * 4.0
+
 class SortOp(Tiny):            # calls an op outside the allow-list
     def forward(self, idx):
         logits = super().forward(idx)
@@ -110,7 +115,8 @@ honest = build(Tiny)
 tokenizer = prepare.Tokenizer.load()
 report["in_process_bpb"] = prepare.evaluate_bpb(honest, tokenizer, 8)
 shape = (6, T)  # 128 rows in batches of 6: the last batch is padded
-for cls in (Tiny, InPlaceHonest, LeakLate, LeakAfterFirstCall, ConstantAdded, NanOnSomeCall, SmallLeakLargeLogits):
+for cls in (Tiny, InPlaceHonest, LeakLate, LeakAfterFirstCall, ConstantAdded, NanOnSomeCall, SmallLeakLargeLogits,
+            ReadsOtherRows):
     handover.export_model(build(cls), out / f"{cls.__name__}.graph", shape, V)
 for cls in (LeakAfterFirstCallBuffer, SortOp, DataDependent):
     try:
@@ -207,7 +213,7 @@ def evaluate_cli(harness, req):
 def verdicts(harness, cache, pins, models, tmp_path_factory):
     """One evaluator process judging the graph-policy cases, plus tampered copies of the data."""
     names = ["InPlaceHonest", "LeakLate", "LeakAfterFirstCall", "ConstantAdded", "NanOnSomeCall", "SmallLeakLargeLogits",
-             "LeakAfterFirstCallBuffer", "SortOp"]
+             "LeakAfterFirstCallBuffer", "SortOp", "ReadsOtherRows"]
     reqs = [request(models, name, cache, pins) for name in names]
     for victim, tamper in (("token_bytes.npy", "tokenizer_v8192/token_bytes.npy"), ("val.bin", "tokens_v8192/val.bin")):
         bad = tmp_path_factory.mktemp(f"tampered-{victim}")
@@ -286,6 +292,12 @@ def test_a_compiled_evaluation_scores_the_same_and_still_probes(harness, cache, 
 def test_causality_bypasses_are_caught(verdicts, name):
     assert not verdicts[name]["ok"]
     assert "not causal" in verdicts[name]["error"]
+
+
+def test_a_model_reading_other_rows_of_its_batch_is_refused(verdicts):
+    """A row's predictions may depend on its own earlier tokens only: probes run in batches of other rows."""
+    assert not verdicts["ReadsOtherRows"]["ok"]
+    assert "not causal" in verdicts["ReadsOtherRows"]["error"] and "other rows" in verdicts["ReadsOtherRows"]["error"]
 
 
 def test_nan_logits_fail(verdicts):

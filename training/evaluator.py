@@ -42,21 +42,23 @@ HARNESS_FILES = ("prepare.py", "runtime.py", "handover.py")  # imported by name,
 # The prepared files that decide the score, by folder (prepare.tokenizer_dir / prepare.tokens_dir).
 DATA_FILES = {"tokenizer.pkl": "tokenizer", "token_bytes.npy": "tokenizer", "val.bin": "tokens", "val.idx.npy": "tokens"}
 
-# Causality probes: rows whose tokens after a random cut come from another row; at every position before the cut
-# the probe must give the scored row's own next token the same log-probability as the scored batch did. That is the
-# very quantity the score sums: a leak that raises it (the only kind that can lower val_bpb) reads a future token
-# the probe has replaced, so the two differ. A constant added to a position's logits changes no log-probability,
-# and the tolerance is in nats, the same at every position whatever the logits' magnitude. Both sides come out of
-# the one compiled scoring program: no batch's logits are kept, and a probe costs one forward pass.
+# Causality probes: scored rows again, their tokens after a random cut taken from another row, batched with other
+# rows than they were scored with; at every position before the cut the probe must give the row's own next token the
+# same log-probability as its scoring did. That is the very quantity the score sums: a leak that raises it (the only
+# kind that can lower val_bpb) reads a future token, or another row, that the probe has replaced, so the two differ.
+# A constant added to a position's logits changes no log-probability, and the tolerance is in nats, the same at
+# every position whatever the logits' magnitude. Both sides come out of the one compiled scoring program: no logits
+# are kept, and a probe costs one forward pass.
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}  # nats; by the precision the graph runs in
 # Sampling: a model leaking the next token at a fraction f of (row, position) pairs escapes P probe rows with
 # probability (1 - f)^P, whatever the number of rows scored: what buys the guarantee is P itself, not a share.
-# P is at least one row per cut position and PROBE_ROWS (f = 1% is then caught 99.4% of the time), but never more
-# than the rows scored (smoke's 128: a seconds-long check gets as many probes as rows). The cpu profile probes
-# 512 rows (one per row scored: +100% of its forward passes), gpu 2047 (one per cut position, +20%).
-PROBE_ROWS = 512
+# P is at least one row per cut position and PROBE_ROWS, but never more than the rows scored (smoke's 128: a
+# seconds-long check gets as many probes as rows). The cpu profile probes 256 rows (+50% of its forward passes),
+# gpu 2047 (+20%): a leak at 2% of positions is caught 99.4% of the time, at 1% 92% (cpu) and 100% (gpu). What a
+# leak buys is about f x the loss it removes: at f = 1%, 0.017 bpb on the cpu profile, near its noise floor (~0.01).
+PROBE_ROWS = 256
 AUTOCAST_DTYPES = ("bfloat16", "float16")
-# On a CPU a large evaluation (the cpu profile's 2^17 tokens and probes: 128 forward passes) is compiled, run under
+# On a CPU a large evaluation (the cpu profile's 2^17 tokens and probes: 96 forward passes) is compiled, run under
 # bf16 autocast where the CPU computes bf16 natively (AVX512-BF16, AMX): on a 2-core EPYC eager fp32 took 0.38 s a
 # batch, compiled bf16 0.14 s, for a one-off compile of ~15 s (~2.5 s from the kept kernels). A small one (smoke's
 # 2^14 tokens) stays eager: compiling would cost
@@ -209,23 +211,25 @@ def val_rows(prepare, tokenizer, batch, seq_len):
 
 
 def probe_plan(n_batches, batch, seq_len, n_rows, rows_scored, rng):
-    """{scored batch index: [[(row in batch, donor row, cut)] per probe batch]}. At least one probe row per cut
-    1..seq_len-1 (a leak at any position shows at some cut) and PROBE_ROWS (at most the rows scored), spread
-    over randomly chosen scored batches; donors are other rows of the val set."""
+    """{scored batch index: [[(row, donor row, cut)] per probe batch run after it]}. At least one probe row per cut
+    1..seq_len-1 (a leak at any position shows at some cut) and PROBE_ROWS (at most the rows scored). The probe
+    batches run among the second half of the scored ones, each on `batch` distinct rows drawn from all those scored
+    by then, at positions of their own: a probed row's later tokens are another row's, and the rest of its batch
+    is other rows, so a prediction that reads a row's own future or any other row shows. Donors are other rows
+    of the val set."""
     n_probe_rows = max(seq_len - 1, min(PROBE_ROWS, rows_scored))
     n_probe = -(-n_probe_rows // batch)
     cuts = []
     while len(cuts) < n_probe * batch:
         cuts += rng.permutation(range(1, seq_len)).tolist()
-    chosen = rng.choice(n_batches, size=n_probe, replace=n_probe > n_batches).tolist()
     plan = {}
-    for k, b in enumerate(chosen):
+    for k, after in enumerate(sorted(rng.integers(n_batches // 2, n_batches, size=n_probe).tolist())):
         entries = []
-        for i in range(batch):
+        for i, row in enumerate(rng.choice((after + 1) * batch, size=batch, replace=False).tolist()):
             donor = int(rng.integers(n_rows - 1))
-            donor += donor >= b * batch + i  # never the row itself
-            entries.append((i, donor, cuts[k * batch + i]))
-        plan.setdefault(b, []).append(entries)
+            donor += donor >= row  # never the row itself
+            entries.append((row, donor, cuts[k * batch + i]))
+        plan.setdefault(after, []).append(entries)
     return plan
 
 
@@ -458,11 +462,11 @@ def evaluate(request):
             return torch.logsumexp(f, -1) - f.gather(-1, y[..., None]).squeeze(-1), f.amin(), f.amax()
 
         if compiled:
-            if device.type == "cpu" and request.get("compile_cache") and isa_check_record(request["compile_cache"], False):
+            cache = request.get("compile_cache")
+            if device.type == "cpu" and cache and isa_check_record(cache, check=False):
                 import torch._inductor.config as inductor
                 inductor.cpp.vec_isa_ok = True  # as every run of this workspace compiles: one cache key
-            graph_and_score = compile_function(graph_and_score, Path(request.get("compile_cache") or private / "inductor"),
-                                               private)
+            graph_and_score = compile_function(graph_and_score, Path(cache or private / "inductor"), private)
         load_seconds = time.time() - t0
 
         rows, packed = val_rows(prepare, tokenizer, B, T)
@@ -486,12 +490,12 @@ def evaluate(request):
         total_nats, total_bytes, total_tokens, worst, probe_rows = 0.0, 0, 0, 0.0, 0
         tolerance = PROBE_TOLERANCE[precision]
         t0 = time.time()
-        # Probed batches first, so a leak is refused without scoring the rest; a pure graph cannot tell the order.
-        order = list(plan) + [b for b in range(n_batches) if b not in plan]
-        for done, b in enumerate(order, 1):
+        nll_rows = torch.empty((len(packed), T), dtype=torch.float32, device=device)  # every row's, as scored
+        for done, b in enumerate(range(n_batches), 1):
             batch = torch.from_numpy(packed[b * B:(b + 1) * B]).to(device)
             x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # one layout every call: one compiled graph
             loss = run(x, y)
+            nll_rows[b * B:(b + 1) * B] = loss
             nbytes = token_bytes[y]
             mask = nbytes > 0
             mask[rows - b * B:] = False  # padding rows: computed, never counted
@@ -499,16 +503,20 @@ def evaluate(request):
             total_bytes += int(torch.where(mask, nbytes, 0).sum().item())
             total_tokens += int(mask.sum().item())
             for entries in plan.get(b, []):
-                probe = x.clone()
-                for i, donor, cut in entries:
-                    probe[i, cut:] = torch.from_numpy(packed[donor, cut:T]).to(device)
-                diff = probe_diff(loss, run(probe, y), [cut for _, _, cut in entries])  # the scored row's targets
+                picked = [row for row, _, _ in entries]
+                probe = torch.from_numpy(packed[picked])
+                for i, (_, donor, cut) in enumerate(entries):
+                    probe[i, cut:T] = torch.from_numpy(packed[donor, cut:T])
+                probe = probe.to(device)
+                # scored against each row's own targets: the scored row's next tokens
+                targets = torch.from_numpy(packed[picked, 1:]).to(device)
+                diff = probe_diff(nll_rows[picked], run(probe[:, :-1].contiguous(), targets),
+                                  [cut for _, _, cut in entries])
                 worst, probe_rows = max(worst, diff), probe_rows + len(entries)
                 if diff > tolerance:
-                    raise EvalError(f"the model is not causal: changing the tokens after a position changed the "
-                                    f"log-probability it gave its next token by {diff:.3g} nats (tolerance "
-                                    f"{tolerance:g}); "
-                                    "val_bpb would measure a leak, not learning")
+                    raise EvalError(f"the model is not causal: changing the tokens after a position, or the other rows "
+                                    f"of its batch, changed the log-probability it gave its next token by {diff:.3g} "
+                                    f"nats (tolerance {tolerance:g}); val_bpb would measure a leak, not learning")
             if done % report_every == 0 or done == n_batches:
                 log(f"eval: {min(done * B, rows)}/{rows} rows")
         eval_seconds = time.time() - t0
