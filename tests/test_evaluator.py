@@ -464,3 +464,17 @@ def test_the_device_peak_is_measured_a_few_times_then_the_best_is_reused(harness
     (entry,) = report["kept"].values()
     assert entry["measured"] == len(measured) and entry["peak_flops"] == reused
     assert report["uncached"] == 1  # without a cache (an unsandboxed trainer could write one) it measures each time
+
+
+def test_pins_record_once_whether_inductors_isa_check_can_be_skipped(harness, cache, tmp_path):
+    """At a session's start (--pins --isa-record): inductor's own check runs once, and the record says whether the
+    choice without it is the same; later runs read it instead of checking again (~1.1 s a process)."""
+    folder = tmp_path / "evaluator-compile"
+    cmd = [sys.executable, "-I", str(harness / "evaluator.py"), "--pins", "--profile", "smoke", "--dataset", "sotu",
+           "--cache", str(cache), "--isa-record", str(folder)]
+    proc, answer = run_json(cmd)
+    assert proc.returncode == 0 and "harness" in answer, proc.stderr[-2000:]
+    record = json.loads((folder / "vec-isa.json").read_text())
+    assert set(record) == {"host", "torch", "skip_check", "isa"} and isinstance(record["skip_check"], bool)
+    proc, again = run_json(cmd)
+    assert again == answer and json.loads((folder / "vec-isa.json").read_text()) == record

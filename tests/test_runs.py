@@ -953,3 +953,42 @@ def test_isolation_sandbox_without_a_working_sandbox_is_refused_before_anything_
     from server.cli import main
     assert main(["serve", "--workspace", str(workspace), "--isolation", "sandbox"]) != 0
     assert "bwrap not found" in capsys.readouterr().err
+
+
+def test_the_trainer_skips_inductors_isa_check_only_where_the_evaluator_recorded_it_changes_nothing(tmp_path):
+    """~1.1 s of every CPU trainer's step 0; skipped only on the host the record was made on, with the evaluator's
+    own interpreter (so the same torch), on a CPU, when skipping picked the ISA the check picked."""
+    from server import pipeline
+    spec = {"python": sys.executable, "device": "cpu"}
+    assert not pipeline.isa_check_skippable(tmp_path, spec, sys.executable)  # no record yet
+    record = {"host": pipeline.socket.gethostname(), "torch": "x", "skip_check": True, "isa": "avx512"}
+    (tmp_path / pipeline.ISA_FILE).write_text(json.dumps(record))
+    assert pipeline.isa_check_skippable(tmp_path, spec, sys.executable)
+    assert not pipeline.isa_check_skippable(tmp_path, {**spec, "device": "cuda:0"}, sys.executable)
+    assert not pipeline.isa_check_skippable(tmp_path, {**spec, "python": "/other/python"}, sys.executable)
+    for changed in ({"host": "another-host"}, {"skip_check": False}):
+        (tmp_path / pipeline.ISA_FILE).write_text(json.dumps({**record, **changed}))
+        assert not pipeline.isa_check_skippable(tmp_path, spec, sys.executable)
+    (tmp_path / pipeline.ISA_FILE).write_text("{not json")
+    assert not pipeline.isa_check_skippable(tmp_path, spec, sys.executable)
+
+
+def test_the_evaluator_starts_once_the_trainer_greets_the_feeder(tmp_path):
+    """Its start-up overlaps the trainer's compilation, not its start-up: the feeder's status says when."""
+    from server import pipeline
+
+    class Feeder:
+        code = None
+
+        def poll(self):
+            return self.code
+
+    feeder, status = Feeder(), tmp_path / "feeder.json"
+    assert not pipeline.trainer_started(feeder, str(status))  # no status yet
+    status.write_text(json.dumps({"phase": "waiting"}))
+    assert not pipeline.trainer_started(feeder, str(status))
+    status.write_text(json.dumps({"phase": "warm-up"}))
+    assert pipeline.trainer_started(feeder, str(status))
+    status.unlink()
+    feeder.code = 0  # the feeder ended (training over, or it failed): start it regardless
+    assert pipeline.trainer_started(feeder, None)

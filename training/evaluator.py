@@ -363,7 +363,6 @@ def isa_check_record(cache, check=True):
     """Whether inductor's ISA check may be skipped on this host with this torch (see ISA_FILE), as recorded in the
     folder `cache`. With check, a missing record is made: the check runs here (it dlopens each ISA's test library
     in a child process), then the choice without it is compared with the choice it made."""
-    import torch._inductor.config as inductor
     path = Path(cache) / ISA_FILE
     try:
         record = json.loads(path.read_text())
@@ -371,7 +370,10 @@ def isa_check_record(cache, check=True):
             return record.get("skip_check") is True
     except (OSError, ValueError):
         pass
-    if not check or inductor.cpp.vec_isa_ok is not None:
+    if not check:
+        return False
+    import torch._inductor.config as inductor
+    if inductor.cpp.vec_isa_ok is not None:  # set by the environment: the check is not ours to judge
         return False
     from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
     try:
