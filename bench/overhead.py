@@ -170,7 +170,8 @@ def evaluator_rows(runs: list[dict]) -> list[Row]:
             "runs' mean)", fmt_s(mean_of(server, lambda r: r["phases"].get("exporting"))), "", "",
             f"the direct run exports nothing; graph load {evaluator('load_seconds'):.1f} s"),
         Row("overhead", "of which the evaluator's start-up (server runs' mean)", fmt_s(evaluator("startup_seconds")),
-            "", "", "imports, pins checked, data copied: started as the feeder ends, it overlaps the export"),
+            "", "", "imports, pins checked, data copied: started once the trainer greets the feeder, it "
+                    "overlaps the trainer's compilation"),
         Row("overhead", "trusted evaluation, scoring (server runs' mean)", fmt_s(evaluator("eval_seconds")),
             "evaluate_bpb in process (direct runs' mean)", fmt_s(mean_of(direct, lambda r: r["eval_seconds"])),
             "the evaluator adds causality probe rows and scores in its own process"),
