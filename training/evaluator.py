@@ -250,7 +250,7 @@ def check_output(ep, B, T, V):
     value = user[0].meta.get("val") if len(user) == 1 and hasattr(user[0], "meta") else None
     if not (torch.is_tensor(value) and value.is_floating_point() and tuple(value.shape) == (B, T, V)):
         got = (f"{str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}" if torch.is_tensor(value)
-               else f"{len(user)} outputs")
+               else f"{len(user)} outputs" if len(user) != 1 else "something other than a tensor")
         raise EvalError(f"the graph returns {got}, not logits ({B}, {T}, {V}): export the model whose forward(idx) "
                         "returns the logits, with handover.export_model")
 
