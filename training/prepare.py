@@ -66,8 +66,9 @@ PROFILES = {
     # trusted evaluator's probes cost a forward pass each on top; 2^17 tokens (512 rows) keeps scoring and probes
     # under 10% of the budget, in proportion to training about what upstream's GPU evaluation is (~8% of the
     # tokens a budget trains on here, ~4% there). After a full 300 s run (val_bpb 1.600), the two halves of 2^19
-    # tokens scored 1.598 / 1.602 (first/second) and 1.601 / 1.599 (even/odd): a quarter of it lies within ~0.004
-    # of the whole, a fixed offset that two models compared on the same rows share; their difference is what a
+    # tokens scored 1.598 / 1.602 (first/second) and 1.601 / 1.599 (even/odd); by that spread (not measured at this
+    # size) a quarter should lie within ~0.004 of the whole, a fixed offset that two models compared on the same rows
+    # share; their difference is what a
     # keep/discard reads, well inside the 0.01 that experiments need to resolve. Throughput: a measured 300 s run
     # took 338 steps of 2^13 tokens.
     "cpu": Profile("cpu", max_seq_len=256, time_budget=300, eval_tokens=2**17, vocab_size=8192,
